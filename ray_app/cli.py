@@ -1,0 +1,112 @@
+"""`ray-app`: the command line. Thin: parse, load config, call one function, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from ray_app.errors import UserError
+
+ADDRESS_HELP = ("Ray cluster: absent = start a local one; 'auto' = the cluster this machine "
+                "belongs to; ray://HOST:10001 = Ray client; http://HOST:8265 = submit as a "
+                "Ray job to that dashboard and follow its logs.")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config; absent = the built-in quickstart.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY.PATH=VALUE", help="Override a config key, e.g. train.lr=1e-4.")
+    parser.add_argument("--output", help="Output folder (adapter, rejects, run_summary.json).")
+    parser.add_argument("--address", help=ADDRESS_HELP)
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Show Ray's own logs.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ray_app.config import describe_keys
+
+    parser = argparse.ArgumentParser(
+        prog="ray-app", description="Fine-tune open LLMs with LoRA on a Ray cluster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser(
+        "train", help="Fine-tune a LoRA adapter (no CONFIG: the built-in quickstart).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (section: key (default): meaning):\n" + describe_keys(),
+    )
+    _config_args(train)
+    train.set_defaults(func=cmd_train)
+    data = sub.add_parser("data", help="Read, validate and tokenize the data; print the report.")
+    _config_args(data)
+    data.set_defaults(func=cmd_data)
+    try:
+        from ray_app.k8s.cli import register as register_k8s
+    except ImportError:
+        pass
+    else:
+        register_k8s(sub)
+    return parser
+
+
+def _load(args):
+    from ray_app.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output:
+        cfg.run.output_dir = str(Path(args.output).resolve())
+    return cfg
+
+
+def cmd_train(args, console: Console) -> int:
+    cfg = _load(args)  # validated before Ray starts
+    from ray_app.ray_session import connect, is_dashboard_address
+
+    if is_dashboard_address(args.address):
+        from ray_app.submit import submit_and_follow
+
+        return submit_and_follow(args, console)
+    dashboard = connect(args.address, args.num_cpus, args.verbose)
+    if dashboard:
+        console.print(f"Ray dashboard: http://{dashboard}")
+    from ray_app.summary import render_summary
+    from ray_app.train.run import run_training
+
+    summary = run_training(cfg, console)
+    render_summary(summary, console, cfg.output_path() / "run_summary.json")
+    return 0 if summary["status"] == "succeeded" else 1
+
+
+def cmd_data(args, console: Console) -> int:
+    cfg = _load(args)
+    from ray_app.ray_session import connect
+
+    connect(args.address, args.num_cpus, args.verbose)
+    from ray_app.data.pipeline import prepare
+    from ray_app.data.report import render_report
+
+    output = cfg.output_path()
+    with console.status("Reading, validating and tokenizing the data with Ray Data..."):
+        prepared = prepare(cfg, cfg.storage_uri(), output / "rejects")
+    render_report(prepared.report, console, cached=prepared.cached, rejects_dir=output / "rejects")
+    console.print(f"Tokenized records: {prepared.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args, console)
+    except UserError as err:
+        console.print(f"[bold red]Error:[/bold red] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("Interrupted. Rerun the same command to resume from the last checkpoint.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

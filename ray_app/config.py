@@ -1,0 +1,271 @@
+"""The run configuration: pydantic models, YAML loading, `--set` overrides.
+
+Everything is validated here, before Ray starts, so a typo costs a second and not a
+cluster start-up. Error messages name the key path, the value seen and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ray_app.errors import UserError
+
+BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(
+        BUILTIN_TINY_LLAMA,
+        description="Hub id (meta-llama/Llama-3.1-8B), local folder, or builtin:tiny-llama "
+        "(random-init tiny Llama from the bundled config, for the quickstart).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer hub id or folder; default: the model's own."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+
+
+class DataSection(_Section):
+    train: list[str] = Field(
+        ..., min_length=1, description="JSONL(.gz/.zst) files, folders, globs or s3:// URIs."
+    )
+    eval: list[str] = Field(
+        default_factory=list, description="Eval shards; empty = split off eval_fraction."
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of train records held out for eval (by hash)."
+    )
+    format: Literal["auto", "text", "alpaca", "messages"] = Field(
+        "auto", description="Record format; auto detects it per file."
+    )
+    max_seq_len: int = Field(2048, ge=8, le=1_048_576, description="Tokens per sequence.")
+    tokenize_actors: int = Field(2, ge=1, le=1024, description="Tokenizer actor pool size.")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainSection(_Section):
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the train split.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps; overrides epochs when set."
+    )
+    lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up share of all steps.")
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
+    batch_size_per_worker: int = Field(4, ge=1, le=4096, description="Sequences per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    seed: int = Field(42, ge=0, description="Seed for init, dropout and data order.")
+    log_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    eval_every: int = Field(
+        100, ge=0, description="Steps between evals (0 = only at start and end)."
+    )
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept in storage.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1, le=4096, description="Training workers (one per GPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker; CPU (gloo) when false.")
+    resources_per_worker: dict[str, float] | None = Field(
+        None,
+        description="Ray resources per worker; default {CPU: 0.5} on CPU, {CPU: 4, GPU: 1} on GPU.",
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive_amounts(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for name, amount in (value or {}).items():
+            if amount < 0:
+                raise ValueError(f"amount for {name!r} must be >= 0, got {amount}")
+        return value
+
+    def worker_resources(self) -> dict[str, float]:
+        if self.resources_per_worker is not None:
+            return dict(self.resources_per_worker)
+        # Fractional CPU so that Ray Data's read/tokenize tasks can still be scheduled.
+        return {"CPU": 4.0, "GPU": 1.0} if self.use_gpu else {"CPU": 0.5}
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class RunSection(_Section):
+    name: str = Field(
+        "quickstart",
+        description="Run name; rerunning with the same name and storage resumes it.",
+    )
+    storage_path: str = Field(
+        "outputs/checkpoints",
+        description="Checkpoint storage: local/NFS path or s3:// / gs:// URI (shared on multi-node).",
+    )
+    output_dir: str | None = Field(
+        None, description="Adapter, rejects and run_summary.json; default outputs/<run.name>."
+    )
+    max_failures: int = Field(
+        3, ge=-1, description="Worker-group failures to retry from checkpoint (-1 = forever)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _RUN_NAME.match(value):
+            raise ValueError(
+                "must be 1-63 characters of letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+    def output_path(self) -> Path:
+        return Path(self.run.output_dir or f"outputs/{self.run.name}").resolve()
+
+    def storage_uri(self) -> str:
+        """Absolute local path or an unchanged URI (Ray needs absolute local paths)."""
+        path = self.run.storage_path
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def section_names() -> list[str]:
+    return list(Config.model_fields)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Reads YAML (or the built-in quickstart when `path` is None) and applies `--set`s."""
+    if path is None:
+        from ray_app.quickstart import quickstart_config_dict
+
+        raw = quickstart_config_dict()
+    else:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "the built-in quickstart")
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(e) for e in err.errors()]
+        raise UserError(
+            f"Invalid configuration in {source}:\n  - " + "\n  - ".join(lines)
+            + "\nSee jobs/configs/example.yaml or `ray-app train --help` for every key."
+        ) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"Config file {str(path)!r} does not exist. Pass the path of a YAML file.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"Config file {str(path)!r} is not valid YAML{where}: "
+                        f"{getattr(err, 'problem', err)}.") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"Config file {str(path)!r} must hold a mapping of sections "
+                        f"({', '.join(section_names())}), got {type(raw).__name__}.")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r} must look like key.path=value, e.g. train.lr=1e-4.")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {part!r} is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent, _, name = loc.rpartition(".")
+        allowed = _allowed_keys(parent)
+        hint = difflib.get_close_matches(name, allowed, n=1)
+        did = f"; did you mean {hint[0]!r}?" if hint else ""
+        where = f"in section {parent!r}" if parent else "at the top level"
+        return f"{loc}: unknown key {where}{did} Allowed: {', '.join(allowed)}."
+    if kind == "missing":
+        return f"{loc}: required key is missing."
+    value = error.get("input")
+    return f"{loc}: got {value!r}; {error['msg'][0].lower()}{error['msg'][1:]}."
+
+
+def _allowed_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def describe_keys() -> str:
+    """Every key with its default and meaning, for `ray-app train --help`."""
+    lines = []
+    for section, field in Config.model_fields.items():
+        lines.append(f"{section}:")
+        sub: type[BaseModel] = field.annotation  # type: ignore[assignment]
+        for name, info in sub.model_fields.items():
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            lines.append(f"  {name} ({default}): {info.description}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Ray Data input path: read JSONL shards, validate, format, tokenize, mask, account."""

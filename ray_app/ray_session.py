@@ -1,0 +1,67 @@
+"""Connecting to Ray: a fresh local cluster, or an existing one given by `--address`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from urllib.parse import urlparse
+
+from ray_app.errors import UserError
+
+# Ray's per-report health check defaults to 2 s, which dominates short steps.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Train V2 writes its own status lines; keep them in the log files, not on the console.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def is_dashboard_address(address: str | None) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+def connect(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> str:
+    """Starts or joins a Ray cluster; returns the dashboard URL (may be empty)."""
+    import ray
+
+    if address and address.startswith("ray://"):
+        _check_reachable(address)
+    if ray.is_initialized():
+        return ""
+    quiet = logging.INFO if verbose else logging.WARNING
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(quiet)
+    try:
+        context = ray.init(
+            address=address, num_cpus=num_cpus if not address else None,
+            logging_level=quiet, log_to_driver=verbose, configure_logging=True,
+            runtime_env={"env_vars": _propagated_env()} if address else None,
+        )
+    except ConnectionError as err:
+        raise UserError(
+            f"Cannot connect to the Ray cluster at {address!r}: {err}. Start one with "
+            "`ray start --head`, pass `--address ray://HOST:10001` for a remote cluster "
+            "(with RAY_AUTH_MODE=token and the cluster's token when token auth is on), or "
+            "leave --address out to start a local cluster."
+        ) from None
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    return getattr(context, "dashboard_url", "") or ""
+
+
+def _propagated_env() -> dict[str, str]:
+    keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    parsed = urlparse(address)
+    host, port = parsed.hostname or "", parsed.port or 10001
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(
+            f"Cannot reach the Ray client server at {address!r} ({err}). Check the host and "
+            "port (default 10001), that the cluster is up, and on Kubernetes that "
+            "`kubectl port-forward svc/<cluster>-head-svc 10001:10001` is running."
+        ) from None

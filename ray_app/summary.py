@@ -1,0 +1,51 @@
+"""`run_summary.json`: the one file that says what a run did."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("ray", "torch", "transformers", "peft", "ray-app"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    summary = {**summary, "versions": versions()}
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _num(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_summary(summary: dict[str, Any], console: Console, path: Path) -> None:
+    train, evals, data = summary["train"], summary["eval"], summary["data"]
+    table = Table(title=f"Run {summary['config']['run']['name']}: {summary['status']}",
+                  show_header=False)
+    table.add_row("steps", str(train["steps"]))
+    table.add_row("tokens seen", _num(train["tokens_seen"], ","))
+    table.add_row("tokens/s", _num(train["tokens_per_s"], ",.0f"))
+    table.add_row("restarts", str(train["restarts"]))
+    table.add_row("eval loss", f"{_num(evals['loss_initial'], '.4f')} -> "
+                               f"{_num(evals['loss_final'], '.4f')}")
+    table.add_row("eval perplexity", _num(evals["perplexity_final"], ".2f"))
+    table.add_row("records", f"{data['accepted']} accepted, {data['rejected']} rejected, "
+                             f"{data['duplicates']} duplicates of {data['records_read']}")
+    table.add_row("adapter", str(summary["adapter_path"] or "-"))
+    table.add_row("summary", str(path))
+    console.print(table)
+    if summary.get("error"):
+        console.print(f"[red]Training failed:[/red] {summary['error']}")

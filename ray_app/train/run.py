@@ -1,0 +1,147 @@
+"""The driver side of a training run: data, TorchTrainer, final adapter, run summary."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+from rich.console import Console
+
+from ray_app.config import BUILTIN_TINY_LLAMA, Config
+from ray_app.data.pipeline import PreparedData, prepare, tokenizer_path
+from ray_app.data.report import render_report
+from ray_app.data.tokenize import load_tokenizer
+from ray_app.errors import UserError
+from ray_app.summary import write_summary
+from ray_app.train.faults import fail_at_step
+from ray_app.train.loop import train_loop_per_worker
+from ray_app.train.plan import plan_steps
+from ray_app.train.progress import ProgressDisplay, ProgressHub
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+
+def check_tokenizer(cfg: Config):
+    """Loads the tokenizer on the driver, so a wrong path fails before any Ray work."""
+    try:
+        return load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.tokenizer / model.name_or_path: cannot load a tokenizer from "
+            f"{tokenizer_path(cfg)!r} ({str(err).splitlines()[0]}). Give a hub id or a local "
+            "folder with tokenizer files; set HF_TOKEN for gated models."
+        ) from None
+
+
+def materialise_builtin(cfg: Config, tokenizer, output: Path) -> Config:
+    """Saves the built-in base model so workers load it with `from_pretrained`."""
+    if cfg.model.name_or_path != BUILTIN_TINY_LLAMA:
+        return cfg
+    from ray_app.model.loading import save_builtin_base
+
+    folder = save_builtin_base(tokenizer, str(output / "base_model"), cfg.train.seed)
+    model = cfg.model.model_copy(update={"name_or_path": folder, "tokenizer": folder})
+    return cfg.model_copy(update={"model": model})
+
+
+def run_training(cfg: Config, console: Console) -> dict[str, Any]:
+    output = cfg.output_path()
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = check_tokenizer(cfg)
+    with console.status("Reading, validating and tokenizing the data with Ray Data..."):
+        data = prepare(cfg, cfg.storage_uri(), output / "rejects")
+    cfg = materialise_builtin(cfg, tokenizer, output)
+    render_report(data.report, console, cached=data.cached, rejects_dir=output / "rejects")
+    world = cfg.scaling.num_workers
+    plan = plan_steps(cfg, data.report.train_records, data.report.eval_records, world)
+    console.print(f"Training {plan.total_steps} steps on {world} "
+                  f"{'GPU' if cfg.scaling.use_gpu else 'CPU'} worker(s); "
+                  f"checkpoints in {cfg.storage_uri()}/{cfg.run.name}")
+    hub = ProgressHub.remote()
+    trainer = build_trainer(cfg, data, plan.to_dict(), hub)
+    with ProgressDisplay(hub, plan.total_steps, console):
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            result = FailedResult(err)
+    summary = finish(cfg, data, result, output)
+    write_summary(output / "run_summary.json", summary)
+    return summary
+
+
+class FailedResult:
+    """Stands in for `ray.train.Result` when `fit()` raised, so the summary is still written."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+        self.metrics: dict[str, Any] = {}
+        self.checkpoint = None
+        self.best_checkpoints: list = []
+
+
+def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub) -> TorchTrainer:
+    datasets = {"train": data.split("train").randomize_block_order(seed=cfg.train.seed)}
+    if plan["has_eval"]:
+        datasets["eval"] = data.split("eval")
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "progress": hub,
+                           "fail_at_step": fail_at_step()},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=cfg.scaling.worker_resources(),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=cfg.storage_uri(),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+
+
+def finish(cfg: Config, data: PreparedData, result, output: Path) -> dict[str, Any]:
+    metrics = result.metrics or {}
+    summary: dict[str, Any] = {
+        "status": "failed" if result.error else "succeeded",
+        "data": data.report.to_dict(),
+        "train": {
+            "steps": metrics.get("step", 0),
+            "tokens_seen": metrics.get("tokens_seen", 0),
+            "tokens_per_s": (metrics.get("tokens_seen", 0) / metrics["train_seconds"]
+                             if metrics.get("train_seconds") else None),
+            "restarts": metrics.get("restarts", 0),
+            "resumed_from_step": metrics.get("start_step", 0),
+        },
+        "eval": {
+            "loss_initial": metrics.get("eval_loss_initial"),
+            "loss_final": metrics.get("eval_loss"),
+            "perplexity_final": metrics.get("eval_perplexity"),
+        },
+        "adapter_path": None,
+        "checkpoints": [c.path for c, _ in (result.best_checkpoints or [])],
+        "storage": f"{cfg.storage_uri()}/{cfg.run.name}",
+        "config": cfg.model_dump(mode="json"),
+    }
+    if result.error:
+        summary["error"] = f"{type(result.error).__name__}: {str(result.error)[:2000]}"
+    elif result.checkpoint is not None:
+        summary["adapter_path"] = str(export_adapter(cfg, result.checkpoint, output / "final"))
+    return summary
+
+
+def export_adapter(cfg: Config, checkpoint, final: Path) -> Path:
+    """Copies the adapter (not optimizer state) out of the last checkpoint, plus the tokenizer."""
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir(parents=True)
+    with checkpoint.as_directory() as folder:
+        for name in ADAPTER_FILES:
+            if (Path(folder) / name).exists():
+                shutil.copy2(Path(folder) / name, final / name)
+    load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code).save_pretrained(final)
+    return final
