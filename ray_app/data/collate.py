@@ -7,6 +7,10 @@ import torch
 
 from ray_app.data.tokenize import IGNORE
 
+# Key of the batch entry that counts real (non-pad) tokens; the loop pops it before the
+# forward pass. Every other key is passed to the model as a keyword argument.
+REAL_TOKENS = "num_real_tokens"
+
 
 class PadCollate:
     """Right-pads to the longest record of the batch, rounded up to a multiple of 8."""
@@ -28,4 +32,5 @@ class PadCollate:
             input_ids[i, :k] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
             labels[i, :k] = torch.as_tensor(np.asarray(lab, dtype=np.int64))
             attention[i, :k] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+                REAL_TOKENS: attention.sum()}

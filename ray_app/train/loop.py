@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ray_app.config import Config
-from ray_app.data.collate import PadCollate
+from ray_app.data.collate import REAL_TOKENS, PadCollate
 from ray_app.data.tokenize import IGNORE, load_tokenizer
 from ray_app.model.loading import add_lora, load_base
 from ray_app.train import checkpoint as ckpt
@@ -160,20 +160,19 @@ def _scheduler(optimizer, schedule: str, plan: StepPlan):
 def _optimizer_step(model, micro, optimizer, scheduler, max_grad_norm, autocast, world, device):
     """One optimizer step over `micro`; the loss is the mean over all trained tokens of
     all micro-batches on all workers, whatever their padding or length."""
-    local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    counts = torch.tensor([local, sum(int(b["attention_mask"].sum()) for b in micro)],
-                          device=device, dtype=torch.long)
+    local_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+    local_real = sum(int(b.pop(REAL_TOKENS)) for b in micro)  # non-pad input tokens
+    counts = torch.tensor([local_trained, local_real], device=device, dtype=torch.long)
     if world > 1:
         dist.all_reduce(counts)
-    trained_tokens, input_tokens = int(counts[0]), int(counts[1])
+    trained_tokens, real_tokens = int(counts[0]), int(counts[1])
     # DDP averages gradients over workers, so each worker divides by the global count / world.
     denominator = max(trained_tokens, 1) / world
     total = 0.0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
         with (nullcontext() if sync else model.no_sync()), autocast:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"], num_items_in_batch=denominator)
+            out = model(**batch, num_items_in_batch=denominator)
         out.loss.backward()
         total += float(out.loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -186,7 +185,7 @@ def _optimizer_step(model, micro, optimizer, scheduler, max_grad_norm, autocast,
     loss = torch.tensor([total / world], device=device)
     if world > 1:
         dist.all_reduce(loss)
-    return float(loss), input_tokens, float(grad_norm)
+    return float(loss), real_tokens, float(grad_norm)
 
 
 @torch.no_grad()
@@ -195,9 +194,9 @@ def _eval_loss(model, shard, collate, batch_size, device, autocast) -> float:
     sums = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
                                           device=device):
+        batch.pop(REAL_TOKENS, None)
         with autocast:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"], num_items_in_batch=1)
+            out = model(**batch, num_items_in_batch=1)
         sums[0] += float(out.loss)
         sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
     if dist.is_initialized():
