@@ -40,6 +40,14 @@ class ModelSection(_Section):
         "sdpa", description="Attention kernel passed to transformers."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    quantization: Literal["none", "nf4"] = Field(
+        "none", description="nf4 = QLoRA: 4-bit NF4 base, double quantization, bf16 compute."
+    )
+    liger: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
+        "RoPE); auto = on with GPUs for supported architectures."
+    )
+    compile: bool = Field(False, description="torch.compile each decoder layer.")
 
 
 class LoraSection(_Section):
@@ -51,26 +59,127 @@ class LoraSection(_Section):
     )
 
 
-class DataSection(_Section):
-    train: list[str] = Field(
-        ..., min_length=1, description="JSONL(.gz/.zst) files, folders, globs or s3:// URIs."
+FORMAT_NAMES = ("auto", "text", "alpaca", "messages", "preference")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+STANDARD_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "role",
+                   "content", "prompt", "chosen", "rejected")
+
+
+def _check_fields(value: dict[str, str]) -> dict[str, str]:
+    unknown = sorted(set(value) - set(STANDARD_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown standard field(s) {', '.join(map(repr, unknown))}; map one "
+                         f"of {', '.join(STANDARD_FIELDS)} to the key your records use")
+    return value
+
+
+def _check_format(value: Any) -> Any:
+    if value is not None and value not in FORMAT_NAMES:
+        raise ValueError("must be 'auto', 'text', 'alpaca' or 'messages' (SFT records), or "
+                         "'preference' (prompt/chosen/rejected pairs)")
+    return value
+
+
+class SourceSpec(_Section):
+    """One data source with its own format, field names and sampling weight."""
+
+    path: list[str] = Field(..., min_length=1, description="Files, folders, globs or URIs.")
+    format: str | None = Field(None, description="Format of this source; default data.format.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Standard field name -> this source's key; default data.fields.",
     )
-    eval: list[str] = Field(
+    weight: float = Field(
+        1.0, gt=0, le=1000,
+        description="Sampling weight: 2 = every record twice per epoch, 0.5 = half of them.",
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        return _check_format(value)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_fields(value)
+
+
+class DataSection(_Section):
+    train: list[str | SourceSpec] = Field(
+        ..., min_length=1,
+        description="JSONL(.gz/.zst) files, folders, globs, s3:// gs:// URIs, or sources "
+        "{path, format, fields, weight}.",
+    )
+    eval: list[str | SourceSpec] = Field(
         default_factory=list, description="Eval shards; empty = split off eval_fraction."
     )
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="Share of train records held out for eval (by hash)."
     )
-    format: Literal["auto", "text", "alpaca", "messages"] = Field(
-        "auto", description="Record format; auto detects it per file."
+    format: str = Field(
+        "auto", description="auto | text | alpaca | messages | preference; auto detects per file."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Standard field name -> key in your records, e.g. {output: answer}.",
+    )
+    train_on_roles: list[Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: ["assistant"], min_length=1,
+        description="Chat roles whose tokens carry labels (messages format).",
     )
     max_seq_len: int = Field(2048, ge=8, le=1_048_576, description="Tokens per sequence.")
-    tokenize_actors: int = Field(2, ge=1, le=1024, description="Tokenizer actor pool size.")
+    truncation: Literal["right", "reject"] = Field(
+        "right", description="Records over max_seq_len: cut at max_seq_len, or reject them."
+    )
+    min_tokens: int = Field(1, ge=1, description="Records with fewer tokens are rejected.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Records with more tokens (before truncation) are rejected."
+    )
+    max_record_bytes: int = Field(
+        4_000_000, ge=64, description="Longer JSONL lines are rejected unparsed."
+    )
+    dedup: bool = Field(True, description="Drop exact duplicates (normalised content hash).")
+    strict: bool = Field(False, description="Fail the run when any record is rejected.")
+    packing: bool = Field(
+        True, description="Pack several train records into each max_seq_len sequence."
+    )
+    tokenize_actors: int | None = Field(
+        None, ge=1, le=1024, description="Tokenizer actor pool size; null = sized to the cluster."
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _one_path_is_a_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        return [value] if isinstance(value, (str, dict)) else value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return _check_format(value)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_fields(value)
+
+    def sources(self, which: Literal["train", "eval"]) -> list[SourceSpec]:
+        """The train or eval entries as `SourceSpec`s with the section-wide defaults filled in."""
+        out = []
+        for entry in getattr(self, which):
+            spec = SourceSpec(path=[entry]) if isinstance(entry, str) else entry
+            out.append(spec.model_copy(update={
+                "format": spec.format or self.format,
+                "fields": {**self.fields, **spec.fields},
+            }))
+        return out
 
 
 class TrainSection(_Section):
@@ -92,12 +201,31 @@ class TrainSection(_Section):
     )
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept in storage.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    activation_checkpointing: Literal["none", "all"] | int = Field(
+        "none", description="Recompute activations: none, all layers, or every n-th layer (n)."
+    )
+    optimizer: Literal["auto", "adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "auto", description="auto = fused AdamW on GPU, AdamW on CPU; 8-bit ones need bitsandbytes."
+    )
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _positive_interval(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be none, all, or a layer interval >= 1")
+        return value
 
 
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1, le=4096, description="Training workers (one per GPU).")
     use_gpu: bool = Field(False, description="One GPU per worker; CPU (gloo) when false.")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp replicates the base; fsdp (FSDP2) and deepspeed (ZeRO) shard it."
+    )
+    zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage (deepspeed only).")
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
+        "none", description="DeepSpeed CPU offload (deepspeed only)."
+    )
     resources_per_worker: dict[str, float] | None = Field(
         None,
         description="Ray resources per worker; default {CPU: 0.5} on CPU, {CPU: 4, GPU: 1} on GPU.",

@@ -43,12 +43,12 @@ def small_data(tmp_path_factory) -> Path:
     return folder
 
 
-def tiny_config(train: Path | list[str], tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+def tiny_config(train_paths: Path | list[str], tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A config dict for a fast 2-worker CPU run; `sections` update its sections."""
     cfg: dict[str, Any] = {
         "model": {"name_or_path": "builtin:tiny-llama"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [str(train)] if isinstance(train, Path) else train,
+        "data": {"train": [str(train_paths)] if isinstance(train_paths, Path) else train_paths,
                  "eval_fraction": 0.1, "max_seq_len": 64, "tokenize_actors": 1},
         "train": {"max_steps": 4, "lr": 3e-3, "batch_size_per_worker": 8, "log_every": 1,
                   "eval_every": 0, "checkpoint_every": 2},

@@ -10,6 +10,7 @@ import pytest
 from ray_app.data.formats import to_turns
 from ray_app.data.tokenize import (
     IGNORE,
+    RecordRules,
     TokenizeRecords,
     load_tokenizer,
     segments,
@@ -61,13 +62,15 @@ def test_text_trains_on_all_tokens_and_ends_with_eos(tokenizer):
 
 def _batch(lines, fmt="alpaca", bad_utf8=None):
     n = len(lines)
-    return {"source": np.array(["f.jsonl"] * n), "line": np.arange(1, n + 1),
-            "text": np.array(lines, dtype=object), "bad_utf8": np.array(bad_utf8 or [False] * n),
+    return {"source": np.array(["f.jsonl"] * n), "source_id": np.zeros(n, dtype=np.int32),
+            "line": np.arange(1, n + 1), "text": np.array(lines, dtype=object),
+            "bad_utf8": np.array(bad_utf8 or [False] * n),
+            "num_bytes": np.array([len(x.encode()) for x in lines]),
             "file_format": np.array([fmt] * n), "role": np.array(["train"] * n)}
 
 
 def test_truncation_that_leaves_no_answer_rejects_the_record():
-    tok = TokenizeRecords(str(TOKENIZER_DIR), max_seq_len=8, fmt="auto", eval_fraction=0.0)
+    tok = TokenizeRecords(str(TOKENIZER_DIR), RecordRules(max_seq_len=8))
     long_prompt = {"instruction": "word " * 50, "output": "done"}
     table = tok(_batch([json.dumps(long_prompt)])).to_pylist()
     assert table[0]["status"] == "rejected"
@@ -75,14 +78,14 @@ def test_truncation_that_leaves_no_answer_rejects_the_record():
 
 
 def test_records_are_truncated_to_max_seq_len():
-    tok = TokenizeRecords(str(TOKENIZER_DIR), max_seq_len=16, fmt="auto", eval_fraction=0.0)
+    tok = TokenizeRecords(str(TOKENIZER_DIR), RecordRules(max_seq_len=16))
     row = tok(_batch([json.dumps({"text": "The capital of France is Paris. " * 20})],
                      fmt="text")).to_pylist()[0]
     assert row["status"] == "accepted" and row["num_tokens"] == len(row["input_ids"]) == 16
 
 
 def test_invalid_utf8_and_bad_json_are_rejected_not_dropped():
-    tok = TokenizeRecords(str(TOKENIZER_DIR), max_seq_len=64, fmt="auto", eval_fraction=0.0)
+    tok = TokenizeRecords(str(TOKENIZER_DIR), RecordRules(max_seq_len=64))
     rows = tok(_batch(['{"text": "ok"}', '{"text": "\ufffd"}', "{oops"], fmt="text",
                       bad_utf8=[False, True, False])).to_pylist()
     assert [r["status"] for r in rows] == ["accepted", "rejected", "rejected"]

@@ -1,4 +1,4 @@
-"""Pads a batch of variable-length records into tensors for the training step."""
+"""Turns a batch of token rows into model inputs for the training step."""
 
 from __future__ import annotations
 
@@ -34,3 +34,43 @@ class PadCollate:
             attention[i, :k] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
                 REAL_TOKENS: attention.sum()}
+
+
+class PackedCollate:
+    """Packed (or plain) rows -> `input_ids`, `labels`, `position_ids`, and no attention mask.
+
+    Documents are told apart by their `position_ids` restarting at 0; transformers then
+    keeps them from attending to each other. Without an `attention_mask` argument:
+    - `flatten=False` (sdpa, eager): rows are right-padded to a common width (multiple of
+      `multiple`); the padding is one more pseudo-document with positions 0, 1, ... and
+      label -100, so it is neither attended to by real tokens nor trained on.
+    - `flatten=True` (flash_attention_2): the whole batch becomes one row of shape
+      [1, total tokens] with no padding at all (transformers' varlen path needs batch 1).
+    Rows without a `position_ids` column (packing off) count as one document each.
+    """
+
+    def __init__(self, pad_id: int, *, flatten: bool = False, multiple: int = 8):
+        self.pad_id = pad_id
+        self.flatten = flatten
+        self.multiple = multiple
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        ids = [np.asarray(r, dtype=np.int64) for r in batch["input_ids"]]
+        labels = [np.asarray(r, dtype=np.int64) for r in batch["labels"]]
+        positions = ([np.asarray(r, dtype=np.int64) for r in batch["position_ids"]]
+                     if "position_ids" in batch else [np.arange(len(r)) for r in ids])
+        real = sum(len(r) for r in ids)
+        if self.flatten:
+            out = [torch.from_numpy(np.concatenate(x))[None] for x in (ids, labels, positions)]
+        else:
+            width = -(-max(len(r) for r in ids) // self.multiple) * self.multiple
+            out = [torch.from_numpy(np.stack([_pad(r, width, fill) for r in rows]))
+                   for rows, fill in ((ids, self.pad_id), (labels, IGNORE), (positions, None))]
+        return {"input_ids": out[0], "labels": out[1], "position_ids": out[2],
+                REAL_TOKENS: torch.tensor(real)}
+
+
+def _pad(row: np.ndarray, width: int, fill: int | None) -> np.ndarray:
+    """`row` right-padded to `width` with `fill`, or with 0, 1, 2, ... when fill is None."""
+    tail = np.arange(width - len(row)) if fill is None else np.full(width - len(row), fill)
+    return np.concatenate([row, tail.astype(np.int64)])

@@ -8,11 +8,13 @@ message is the reject reason the user reads in `<output>/rejects/`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-FORMATS = ("text", "alpaca", "messages")
+FORMATS = ("text", "alpaca", "messages", "preference")
 ROLES = ("system", "user", "assistant")
+DEFAULT_TRAINED_ROLES = ("assistant",)
 
 
 class RecordError(ValueError):
@@ -24,6 +26,15 @@ class Turn:
     role: str  # "text" for raw text, else a chat role
     content: str
     trained: bool
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A prompt (chat turns) with a preferred and a dispreferred answer."""
+
+    prompt: list[Turn]
+    chosen: Turn
+    rejected: Turn
 
 
 def parse_line(text: str) -> dict[str, Any]:
@@ -39,47 +50,98 @@ def parse_line(text: str) -> dict[str, Any]:
     return record
 
 
-def detect_format(record: dict[str, Any]) -> str | None:
+def detect_format(record: dict[str, Any], fields: Mapping[str, str] | None = None) -> str | None:
     """The format whose fields the record has, or None."""
-    if "messages" in record or "conversations" in record:
+    name = _namer(fields)
+    if name("chosen") in record and name("rejected") in record:
+        return "preference"
+    if name("messages") in record or "conversations" in record:
         return "messages"
-    if "instruction" in record and "output" in record:
+    if name("instruction") in record and name("output") in record:
         return "alpaca"
-    if "text" in record:
+    if name("text") in record:
         return "text"
     return None
 
 
-def to_turns(record: dict[str, Any], fmt: str) -> list[Turn]:
+def to_turns(record: dict[str, Any], fmt: str, fields: Mapping[str, str] | None = None,
+             trained_roles: tuple[str, ...] = DEFAULT_TRAINED_ROLES) -> list[Turn]:
+    """The record as chat turns; `fields` maps standard names to the record's own keys.
+
+    >>> to_turns({"q": "2+2?", "a": "4"}, "alpaca", {"instruction": "q", "output": "a"})[-1]
+    Turn(role='assistant', content='4', trained=True)
+    """
+    name = _namer(fields)
     if fmt == "text":
-        return [Turn("text", _string(record, "text"), True)]
+        return [Turn("text", _string(record, name("text")), True)]
     if fmt == "alpaca":
-        return _alpaca(record)
+        return _alpaca(record, name)
     if fmt == "messages":
-        return _messages(record)
+        return _messages(record, name, trained_roles)
+    if fmt == "preference":  # supervised view of a pair: train on the chosen answer
+        pair = to_preference(record, fields)
+        return pair.prompt + [pair.chosen]
     raise RecordError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _string(record: dict[str, Any], key: str, *, required: bool = True) -> str:
+def to_preference(record: dict[str, Any], fields: Mapping[str, str] | None = None) -> Preference:
+    """A `preference` record: `prompt` (string or message list, optional `system`),
+    `chosen` and `rejected` (strings, or lists ending in the assistant answer)."""
+    name = _namer(fields)
+    prompt_key = name("prompt")
+    raw_prompt = record.get(prompt_key)
+    if isinstance(raw_prompt, list):
+        prompt = _messages({prompt_key: raw_prompt}, lambda k: prompt_key if k == "messages" else name(k),
+                           (), require_trained=False, where=prompt_key)
+    else:
+        prompt = [Turn("user", _string(record, prompt_key), False)]
+        system = _string(record, name("system"), required=False)
+        if system.strip():
+            prompt.insert(0, Turn("system", system, False))
+    chosen = _answer(record, name("chosen"), name)
+    rejected = _answer(record, name("rejected"), name)
+    if " ".join(chosen.split()) == " ".join(rejected.split()):
+        raise RecordError("'chosen' and 'rejected' are the same answer")
+    return Preference(prompt, Turn("assistant", chosen, True), Turn("assistant", rejected, True))
+
+
+def _answer(record: dict[str, Any], key: str, name) -> str:
+    value = record.get(key)
+    if isinstance(value, list):  # [{"role": "assistant", "content": "..."}] (TRL style)
+        if not value or not isinstance(value[-1], dict):
+            raise RecordError(f"field {key!r} must be a string or a non-empty list of messages")
+        last = value[-1]
+        if last.get(name("role")) != "assistant":
+            raise RecordError(f"the last message of {key!r} must have role 'assistant'")
+        return _string(last, name("content"), where=f"{key}[-1].")
+    return _string(record, key)
+
+
+def _namer(fields: Mapping[str, str] | None):
+    fields = fields or {}
+    return lambda standard: fields.get(standard, standard)
+
+
+def _string(record: dict[str, Any], key: str, *, required: bool = True, where: str = "") -> str:
     if key not in record or record[key] is None:
         if required:
-            raise RecordError(f"missing field {key!r}")
+            raise RecordError(f"missing field {where}{key!r}")
         return ""
     value = record[key]
     if not isinstance(value, str):
-        raise RecordError(f"field {key!r} must be a string, got {type(value).__name__}")
+        raise RecordError(f"field {where}{key!r} must be a string, got {type(value).__name__}")
     if required and not value.strip():
-        raise RecordError(f"field {key!r} is empty")
+        raise RecordError(f"field {where}{key!r} is empty")
     return value
 
 
-def _alpaca(record: dict[str, Any]) -> list[Turn]:
-    instruction = _string(record, "instruction")
-    given = _string(record, "input", required=False)
-    output = _string(record, "output")
+def _alpaca(record: dict[str, Any], name) -> list[Turn]:
+    instruction = _string(record, name("instruction"))
+    given = _string(record, name("input"), required=False)
+    output = _string(record, name("output"))
     prompt = f"{instruction}\n\n{given}" if given.strip() else instruction
     turns = []
-    system = _string(record, "system", required=False)
+    system = _string(record, name("system"), required=False)
     if system.strip():
         turns.append(Turn("system", system, False))
     return turns + [Turn("user", prompt, False), Turn("assistant", output, True)]
@@ -88,32 +150,42 @@ def _alpaca(record: dict[str, Any]) -> list[Turn]:
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def _messages(record: dict[str, Any]) -> list[Turn]:
-    raw = record.get("messages", record.get("conversations"))
+def _messages(record: dict[str, Any], name, trained_roles: tuple[str, ...], *,
+              require_trained: bool = True, where: str = "messages") -> list[Turn]:
+    key = name("messages") if name("messages") in record or "conversations" not in record \
+        else "conversations"
+    raw = record.get(key)
+    if raw is None:
+        raise RecordError(f"missing field {key!r}")
     if not isinstance(raw, list):
-        raise RecordError(f"field 'messages' must be a list, got {type(raw).__name__}")
+        raise RecordError(f"field {key!r} must be a list, got {type(raw).__name__}")
     if not raw:
-        raise RecordError("field 'messages' is empty")
+        raise RecordError(f"field {key!r} is empty")
+    role_key, content_key_ = name("role"), name("content")
     turns = []
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
-            raise RecordError(f"messages[{i}] must be an object, got {type(message).__name__}")
-        role = message.get("role", _SHAREGPT_ROLES.get(message.get("from", "")))
-        content = message.get("content", message.get("value"))
+            raise RecordError(f"{where}[{i}] must be an object, got {type(message).__name__}")
+        role = message.get(role_key, _SHAREGPT_ROLES.get(message.get("from", "")))
+        content = message.get(content_key_, message.get("value"))
         if role not in ROLES:
-            raise RecordError(f"messages[{i}] has unknown role {role!r}; expected one of "
+            raise RecordError(f"{where}[{i}] has unknown role {role!r}; expected one of "
                               f"{', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise RecordError(f"messages[{i}].content must be a string, got "
+            raise RecordError(f"{where}[{i}].content must be a string, got "
                               f"{type(content).__name__}")
         if role == "system" and i != 0:
-            raise RecordError(f"messages[{i}]: a system message may only come first")
-        turns.append(Turn(role, content, role == "assistant"))
-    if not any(t.trained and t.content.strip() for t in turns):
-        raise RecordError("no non-empty assistant message to train on")
+            raise RecordError(f"{where}[{i}]: a system message may only come first")
+        if role != "system" and not content.strip():
+            raise RecordError(f"{where}[{i}] ({role}) has empty content")
+        turns.append(Turn(role, content, role in trained_roles))
+    if require_trained and not any(t.trained and t.content.strip() for t in turns):
+        raise RecordError(f"no non-empty {'/'.join(trained_roles)} message to train on")
     return turns
 
 
 def content_key(turns: list[Turn]) -> str:
-    """Canonical text of a record: the basis of its hash (dedup, train/eval split)."""
+    """Canonical text of a record: the basis of its hash (dedup, train/eval split).
+
+    Whitespace runs count as one space, so re-wrapped copies of a record are duplicates."""
     return json.dumps([[t.role, " ".join(t.content.split())] for t in turns], ensure_ascii=False)

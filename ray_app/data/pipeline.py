@@ -1,43 +1,77 @@
-"""The data path: shards -> validated, tokenized, masked records (Parquet) -> train/eval datasets.
+"""The data path: shards -> validated, tokenized, deduplicated, packed training sequences.
 
-The tokenized records are written once, streaming, to `<storage>/datasets/<fingerprint>/`
-(keyed by the inputs, the tokenizer and the data config) and reused by later runs. The
-training workers then stream their shards of that Parquet through Ray Data.
+    read JSONL lines (every line kept, with file and line)
+      -> parse, validate, render, mask, tokenize      (actor pool)      -> records/
+      -> exact duplicates found by content hash       (groupby)
+      -> per-source weights, packing                  (map_batches)     -> train/, eval/
+      -> counts per source, status and reason         (groupby)         -> report.json
+
+Everything is written once, streaming, to `<storage>/datasets/<fingerprint>/` (keyed by
+the inputs, the tokenizer and the data config) and reused by later runs and Tune trials.
+`records/` holds every input line, accepted or not; `train/` the sequences the workers
+train on (see `ray_app.data.order` for their order); `eval/` the eval records.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
 from ray_app.config import BUILTIN_TINY_LLAMA, Config
-from ray_app.data.jsonl_datasource import JsonlLinesDatasource
-from ray_app.data.report import DataReport, report_from_counts
+from ray_app.data import storage
+from ray_app.data.jsonl_datasource import FileMeta, JsonlLinesDatasource
+from ray_app.data.order import CHUNK_ROWS, TrainStream, index_chunks
+from ray_app.data.pack import pack_batch
+from ray_app.data.report import DataReport, SourceCounts, report_from_counts
 from ray_app.data.sources import expand_sources
-from ray_app.data.tokenize import TokenizeRecords
+from ray_app.data.tokenize import RecordRules, TokenizeRecords
+from ray_app.errors import UserError
 
-PIPELINE_VERSION = "1"  # bump when the tokenized output of the same inputs changes
-STATS_COLUMNS = ["source", "status", "reason", "split", "num_tokens", "trained_tokens"]
+PIPELINE_VERSION = "2"  # bump when the tokenized output of the same inputs changes
+COUNT_KEYS = ["source", "status", "reason", "split", "format"]
+TOKENIZE_BATCH = 256
+PACK_BATCH = 4096  # records packed together: larger fills sequences better
 
 
 @dataclass
 class PreparedData:
-    path: str  # Parquet folder of every record (accepted and rejected)
+    path: str  # the cache folder: records/, train/, eval/, report.json, train_index.json
     report: DataReport
     cached: bool
 
+    @property
+    def records_path(self) -> str:
+        return f"{self.path}/records"
+
     def split(self, name: str) -> ray.data.Dataset:
-        return (ray.data.read_parquet(self.path)
-                .select_columns(["input_ids", "labels", "status", "split"])
-                .filter(expr=(col("status") == "accepted") & (col("split") == name))
-                .select_columns(["input_ids", "labels"]))
+        """The `train` sequences (packed when data.packing; columns input_ids, labels,
+        position_ids) or the `eval` records (input_ids, labels), as a Ray Dataset."""
+        if name not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {name!r}")
+        columns = ["input_ids", "labels"] + (["position_ids"] if name == "train" else [])
+        return ray.data.read_parquet(f"{self.path}/{name}", columns=columns)
+
+    def train_stream(self) -> TrainStream:
+        """The train sequences in the reproducible per-rank order of `ray_app.data.order`."""
+        index = json.loads(storage.read_text(f"{self.path}/train_index.json"))
+        from ray_app.data.order import Chunk
+
+        return TrainStream(tuple(Chunk(**c) for c in index))
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    meta: FileMeta
+    weight: float
 
 
 def tokenizer_path(cfg: Config) -> str:
@@ -50,105 +84,189 @@ def tokenizer_path(cfg: Config) -> str:
     return cfg.model.name_or_path
 
 
-def resolve_files(cfg: Config) -> tuple[list[str], list[str]]:
-    train = expand_sources(cfg.data.train, "data.train")
-    evals = expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else []
-    return train, evals
+def resolve_shards(cfg: Config) -> list[Shard]:
+    """Every shard of data.train and data.eval with its format, fields, weight and id.
+
+    A shard named by several sources takes the first one's settings; a shard that is also
+    an eval shard is eval only."""
+    found: dict[str, tuple[str, object]] = {}
+    for which in ("eval", "train"):
+        for spec in cfg.data.sources(which):
+            for path in expand_sources(spec.path, f"data.{which}"):
+                found.setdefault(path, (which, spec))
+    shards = []
+    for source_id, path in enumerate(sorted(found, key=lambda p: (found[p][0] == "eval", p))):
+        role, spec = found[path]
+        meta = FileMeta(source_id, role, spec.format, dict(spec.fields))
+        shards.append(Shard(path, meta, spec.weight if role == "train" else 1.0))
+    return shards
 
 
-def fingerprint(cfg: Config, files: list[str]) -> str:
-    """Changes when an input file, the tokenizer or a data setting changes."""
-    parts = [PIPELINE_VERSION, tokenizer_path(cfg), cfg.data.model_dump_json(exclude={"tokenize_actors"})]
-    for path in files:
-        parts.append(f"{path}:{_file_stamp(path)}")
+def fingerprint(cfg: Config, shards: list[Shard]) -> str:
+    """Changes when an input file, the tokenizer or a data setting that shapes the output
+    changes (not for tokenize_actors or strict)."""
+    settings = cfg.data.model_dump_json(exclude={"tokenize_actors", "strict"})
+    parts = [PIPELINE_VERSION, tokenizer_path(cfg), settings]
+    for s in shards:
+        parts.append(f"{s.path}:{s.meta.role}:{storage.stamp(s.path)}")
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=10).hexdigest()
 
 
-def _file_stamp(path: str) -> str:
-    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    info = fs.get_file_info(inner)
-    return f"{info.size}:{info.mtime_ns}"
-
-
-def prepare(cfg: Config, storage: str, rejects_dir: Path) -> PreparedData:
-    """Tokenizes the data (or reuses the cached result) and writes the reject report."""
-    train_files, eval_files = resolve_files(cfg)
-    files = train_files + [f for f in eval_files if f not in set(train_files)]
-    cache = f"{storage.rstrip('/')}/datasets/{fingerprint(cfg, files)}"
-    records = f"{cache}/records"
+def prepare(cfg: Config, storage_root: str, rejects_dir: Path) -> PreparedData:
+    """Builds the dataset cache (or reuses it), writes the reject report, and enforces
+    data.strict. Call with Ray initialised."""
+    shards = resolve_shards(cfg)
+    cache = f"{storage_root.rstrip('/')}/datasets/{fingerprint(cfg, shards)}"
     report_file = f"{cache}/report.json"
-    cached = _exists(report_file)
-    if not cached:
-        eval_fraction = 0.0 if eval_files else cfg.data.eval_fraction
-        ds = ray.data.read_datasource(JsonlLinesDatasource(files, eval_paths=set(eval_files)))
-        ds = ds.map_batches(
-            TokenizeRecords,
-            fn_constructor_kwargs={
-                "tokenizer_path": tokenizer_path(cfg), "max_seq_len": cfg.data.max_seq_len,
-                "fmt": cfg.data.format, "eval_fraction": eval_fraction,
-                "trust_remote_code": cfg.model.trust_remote_code,
-            },
-            compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenize_actors),
-            batch_size=256, batch_format="numpy", num_cpus=0.5,
-        )
-        _remove_dir(records)  # leftovers of an interrupted run would be counted twice
-        ds.write_parquet(records)
-        report = _count(records, files)
-        _write_text(report_file, json.dumps(report.to_dict(), indent=2))
+    cached = storage.exists(report_file)
+    if cached:
+        report = DataReport.from_dict(json.loads(storage.read_text(report_file)))
     else:
-        report = DataReport.from_dict(json.loads(_read_text(report_file)))
-    write_rejects(records, rejects_dir)
-    return PreparedData(path=records, report=report, cached=cached)
-
-
-def _count(records: str, files: list[str]) -> DataReport:
-    from ray.data.aggregate import Count, Sum
-
-    grouped = (ray.data.read_parquet(records).select_columns(STATS_COLUMNS)
-               .groupby(["source", "status", "reason", "split"])
-               .aggregate(Count(), Sum("num_tokens"), Sum("trained_tokens"))
-               .to_pandas())
-    return report_from_counts(grouped.to_dict("records"), files)
-
-
-def write_rejects(records: str, rejects_dir: Path) -> Path:
-    """`<output>/rejects/rejects.jsonl`: one line per rejected record, with source and line."""
+        report = _build(cfg, shards, cache)
+        storage.write_text(report_file, json.dumps(report.to_dict(), indent=2))
+    prepared = PreparedData(path=cache, report=report, cached=cached)
     rejects_dir.mkdir(parents=True, exist_ok=True)
-    out = rejects_dir / "rejects.jsonl"
-    rejected = (ray.data.read_parquet(records)
-                .select_columns(["source", "line", "status", "reason", "raw"])
-                .filter(expr=col("status") == "rejected")
-                .select_columns(["source", "line", "reason", "raw"]))
-    with open(out, "w") as fh:
-        fh.writelines(json.dumps({k: row[k] for k in ("source", "line", "reason", "raw")}) + "\n" for row in rejected.iter_rows())
-    return out
+    rejects = rejects_dir / "rejects.jsonl"
+    storage.copy_to_local(f"{cache}/rejects.jsonl", rejects)
+    if cfg.data.strict and report.rejected:
+        reasons = "; ".join(f"{n} x {r}" for r, n in report.reject_reasons.items())
+        raise UserError(
+            f"data.strict is on and {report.rejected} of {report.records_read} records were "
+            f"rejected ({reasons}). Every one is listed with file, line and reason in "
+            f"{rejects}. Fix or remove them, or set data.strict=false to train on the rest."
+        )
+    return prepared
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
+    data = cfg.data
+    for part in ("records", "train", "eval"):  # leftovers of an interrupted run
+        storage.remove_dir(f"{cache}/{part}")
+    records = f"{cache}/records"
+    has_eval_shards = any(s.meta.role == "eval" for s in shards)
+    rules = RecordRules.from_config(data, 0.0 if has_eval_shards else data.eval_fraction,
+                                    {s.meta.source_id: s.meta.fields for s in shards})
+    (read_lines(shards, data.max_record_bytes)
+        .map_batches(TokenizeRecords,
+                     fn_constructor_kwargs={"tokenizer_path": tokenizer_path(cfg), "rules": rules,
+                                            "trust_remote_code": cfg.model.trust_remote_code},
+                     compute=ray.data.ActorPoolStrategy(size=tokenize_pool_size(data)),
+                     batch_size=TOKENIZE_BATCH, batch_format="numpy", num_cpus=0.5)
+        .write_parquet(records))
+
+    duplicates = (find_duplicates(records, _partitions(records)) if data.dedup
+                  else np.zeros(0, np.int64))
+    files = {s.path: SourceCounts(s.path, format="" if s.meta.format == "auto" else s.meta.format,
+                                  weight=s.weight) for s in shards}
+    report = report_from_counts(scan_records(records, duplicates, f"{cache}/rejects.jsonl"), files)
+    weights = {s.meta.source_id: s.weight for s in shards}
+    accepted = (ray.data.read_parquet(records, columns=[
+        "source_id", "origin", "status", "split", "content_hash", "input_ids", "labels"])
+        .filter(expr=col("status") == "accepted"))
+    for name, packing, count in (("train", data.packing, report.train_records),
+                                 ("eval", False, report.eval_records)):
+        if count == 0:
+            continue  # a pass over all records for nothing
+        (accepted.filter(expr=col("split") == name)
+            .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="numpy",
+                         fn_kwargs={"max_seq_len": data.max_seq_len, "packing": packing,
+                                    "weights": weights if name == "train" else {},
+                                    "duplicates": duplicates})
+            .write_parquet(f"{cache}/{name}", row_group_size=CHUNK_ROWS))
+
+    chunks = index_chunks(f"{cache}/train")
+    storage.write_text(f"{cache}/train_index.json",
+                       json.dumps([c.__dict__ for c in chunks]))
+    report.packing, report.max_seq_len = data.packing, data.max_seq_len
+    report.train_sequences = sum(c.rows for c in chunks)
+    if report.train_sequences:
+        report.sequence_tokens = int(ray.data.read_parquet(
+            f"{cache}/train", columns=["num_tokens"]).sum("num_tokens"))
+        report.packing_efficiency = report.sequence_tokens / (report.train_sequences
+                                                              * data.max_seq_len)
+    return report
 
 
-def _remove_dir(uri: str) -> None:
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+def read_lines(shards: list[Shard], max_record_bytes: int) -> ray.data.Dataset:
+    """Every line of every shard; one datasource per filesystem (a datasource reads through
+    one filesystem, so local shards and s3:// shards are read separately and unioned)."""
+    by_scheme: dict[str, list[Shard]] = {}
+    for s in shards:
+        by_scheme.setdefault(s.path.split("://")[0] if storage.is_uri(s.path) else "", []).append(s)
+    parts = [ray.data.read_datasource(
+        JsonlLinesDatasource([s.path for s in group], {s.path: s.meta for s in group},
+                             max_record_bytes), num_cpus=0.25)
+        for group in by_scheme.values()]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _exists(uri: str) -> bool:
-    fs, path = _fs(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
+def tokenize_pool_size(data) -> int:
+    """data.tokenize_actors, or one tokenizer actor per CPU of the cluster."""
+    if data.tokenize_actors:
+        return data.tokenize_actors
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _write_text(uri: str, text: str) -> None:
-    fs, path = _fs(uri)
+def _partitions(records: str) -> int:
+    """Shuffle partitions for dedup: one per million records, at least one per CPU (the
+    default of 200 costs seconds of fixed overhead on small data)."""
+    fs, root = storage.filesystem(records)
+    rows = 0
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.path.endswith(".parquet"):
+            with fs.open_input_file(info.path) as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(cpus, min(rows // 1_000_000 + 1, 1000))
+
+
+def find_duplicates(records: str, partitions: int) -> np.ndarray:
+    """Sorted origins of every accepted record whose content an earlier record (smaller
+    origin: eval shards first, then shard and line order) already has. Only the hash and
+    origin columns are shuffled; the driver holds 8 bytes per duplicate."""
+    later = (ray.data.read_parquet(records, columns=["status", "content_hash", "origin"])
+             .filter(expr=col("status") == "accepted")
+             .select_columns(["content_hash", "origin"])
+             .groupby("content_hash", num_partitions=partitions)
+             .map_groups(_later_copies, batch_format="numpy"))
+    found = [np.asarray(b["origin"], dtype=np.int64)
+             for b in later.iter_batches(batch_format="numpy", batch_size=None)]
+    return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
+def _later_copies(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"origin": np.sort(np.asarray(group["origin"], dtype=np.int64))[1:]}
+
+
+def scan_records(records: str, duplicates: np.ndarray, rejects_uri: str) -> list[dict]:
+    """One streaming pass over the small columns of every record: counts per (source,
+    status, reason, split, format), duplicates marked, and every rejected record written
+    to `rejects_uri` as JSON lines with source, line, reason and the raw text. The driver
+    holds one batch and the running counts (a few rows per source and reason)."""
+    import pandas as pd
+
+    columns = COUNT_KEYS + ["line", "raw", "origin", "num_tokens", "trained_tokens"]
+    totals: pd.DataFrame | None = None
+    fs, path = storage.filesystem(rejects_uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as out:
-        out.write(text.encode())
-
-
-def _read_text(uri: str) -> str:
-    fs, path = _fs(uri)
-    with fs.open_input_stream(path) as src:
-        return src.read().decode()
+        for batch in ray.data.read_parquet(records, columns=columns).iter_batches(
+                batch_format="pandas", batch_size=65536):
+            if len(duplicates):
+                batch.loc[batch["origin"].isin(duplicates), "status"] = "duplicate"
+            bad = batch[batch["status"] == "rejected"]
+            if len(bad):
+                out.write("".join(
+                    json.dumps({"source": r.source, "line": int(r.line), "reason": r.reason,
+                                "raw": r.raw}, ensure_ascii=False) + "\n"
+                    for r in bad.itertuples()).encode())
+            part = (batch.assign(**{"count()": 1})
+                    .groupby(COUNT_KEYS, as_index=False)[["count()", "num_tokens", "trained_tokens"]]
+                    .sum())
+            totals = part if totals is None else (
+                pd.concat([totals, part]).groupby(COUNT_KEYS, as_index=False).sum())
+    if totals is None:
+        return []
+    totals = totals.rename(columns={"num_tokens": "sum(num_tokens)",
+                                    "trained_tokens": "sum(trained_tokens)"})
+    return totals.to_dict("records")

@@ -9,12 +9,21 @@ template, including those without `{% generation %}` markers.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ray_app.data.formats import RecordError, Turn, content_key, detect_format, parse_line, to_turns
+from ray_app.data.formats import (
+    RecordError,
+    Turn,
+    content_key,
+    detect_format,
+    parse_line,
+    to_preference,
+    to_turns,
+)
 
 IGNORE = -100
 PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -40,10 +49,12 @@ def segments(turns: list[Turn], tokenizer) -> list[tuple[str, bool]]:
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, turn in enumerate(turns):
-        if turn.role != "assistant":
+        if not turn.trained:
             continue
+        # An assistant turn's header comes with the generation prompt, so it is not trained.
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False,
-                                               add_generation_prompt=True)
+                                               add_generation_prompt=turn.role == "assistant") \
+            if i else ""
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise RecordError("the tokenizer's chat template does not render conversations "
@@ -54,7 +65,8 @@ def segments(turns: list[Turn], tokenizer) -> list[tuple[str, bool]]:
 
 
 def _plain_segments(turns: list[Turn], tokenizer) -> list[tuple[str, bool]]:
-    """Alpaca-style prompt for tokenizers without a chat template (base models)."""
+    """Alpaca-style prompt for tokenizers without a chat template (base models); only
+    assistant turns are trained here, whatever data.train_on_roles says."""
     pieces: list[tuple[str, bool]] = [(tokenizer.bos_token or "", False)]
     pending: list[str] = []
     for turn in turns:
@@ -68,13 +80,9 @@ def _plain_segments(turns: list[Turn], tokenizer) -> list[tuple[str, bool]]:
 
 
 def tokenize_segments(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
-    ids: list[int] = []
-    labels: list[int] = []
     encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
-    for (_, trained), piece_ids in zip(pieces, encoded):
-        ids += piece_ids
-        labels += piece_ids if trained else [IGNORE] * len(piece_ids)
-    return ids, labels
+    ids, labels = _join(pieces, iter(encoded))
+    return ids.tolist(), labels.tolist()
 
 
 def split_of(key: str, eval_fraction: float) -> tuple[str, str]:
@@ -84,70 +92,182 @@ def split_of(key: str, eval_fraction: float) -> tuple[str, str]:
     return digest, ("eval" if bucket < eval_fraction else "train")
 
 
+def origin_of(role: str, source_id: int, line: int) -> int:
+    """A record's place in the input as one sortable int64: eval shards first, then by
+    shard and line. Dedup keeps the copy with the smallest origin, so a record that is in
+    both an eval shard and a train shard stays in eval and leaves train."""
+    return ((0 if role == "eval" else 1) << 62) | (source_id << 40) | line
+
+
 OUTPUT_SCHEMA = pa.schema([
-    ("source", pa.string()), ("line", pa.int64()), ("status", pa.string()),
-    ("reason", pa.string()), ("raw", pa.string()), ("format", pa.string()),
-    ("split", pa.string()), ("content_hash", pa.string()), ("num_tokens", pa.int32()),
-    ("trained_tokens", pa.int32()), ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
+    ("source", pa.string()), ("source_id", pa.int32()), ("line", pa.int64()),
+    ("origin", pa.int64()), ("status", pa.string()), ("reason", pa.string()),
+    ("raw", pa.string()), ("format", pa.string()), ("split", pa.string()),
+    ("content_hash", pa.string()), ("num_tokens", pa.int32()), ("trained_tokens", pa.int32()),
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32())),
 ])
 RAW_KEEP = 2000  # characters of a rejected line kept in the reject report
 
 
-class TokenizeRecords:
-    """Ray Data callable class: one tokenizer per actor, loaded once."""
+@dataclass(frozen=True)
+class RecordRules:
+    """How records are read, masked and filtered (from the `data` config section)."""
 
-    def __init__(self, tokenizer_path: str, max_seq_len: int, fmt: str, eval_fraction: float,
-                 trust_remote_code: bool = False):
+    max_seq_len: int
+    eval_fraction: float = 0.0
+    trained_roles: tuple[str, ...] = ("assistant",)
+    truncation: str = "right"  # or "reject"
+    min_tokens: int = 1
+    max_tokens: int | None = None
+    max_record_bytes: int = 4_000_000
+    fmt: str = "auto"  # used where the reader gave no per-file format
+    fields: dict[int, dict[str, str]] = field(default_factory=dict)  # per source_id
+
+    @classmethod
+    def from_config(cls, data, eval_fraction: float,
+                    fields: dict[int, dict[str, str]] | None = None) -> RecordRules:
+        return cls(max_seq_len=data.max_seq_len, eval_fraction=eval_fraction,
+                   trained_roles=tuple(data.train_on_roles), truncation=data.truncation,
+                   min_tokens=data.min_tokens, max_tokens=data.max_tokens,
+                   max_record_bytes=data.max_record_bytes, fmt=data.format, fields=fields or {})
+
+
+class TokenizeRecords:
+    """Ray Data callable class: one tokenizer per actor, loaded once. Every input line
+    becomes one output row, accepted (with tokens and labels) or rejected (with a reason)."""
+
+    def __init__(self, tokenizer_path: str, rules: RecordRules, trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-        self.max_seq_len = max_seq_len
-        self.fmt = fmt
-        self.eval_fraction = eval_fraction
+        self.rules = rules
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = [self.one(batch, i) for i in range(len(batch["line"]))]
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        # Parse and render every record first, then tokenize all their pieces in one call:
+        # the fast tokenizer's batch path is far quicker than one call per record.
+        parsed = [self.parse(batch, i) for i in range(len(batch["line"]))]
+        texts = [text for _, views in parsed for pieces in views for text, _ in pieces]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        rows = []
+        for i, (row, views) in enumerate(parsed):
+            if views:
+                self.finish(row, [_join(pieces, encoded) for pieces in views], str(batch["text"][i]))
+            rows.append(row)
+        return _to_table(rows)
 
-    def one(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    def parse(self, batch: dict[str, np.ndarray], i: int):
+        """(row, views): views are the (text, trained) pieces of the record (and of its
+        rejected answer for preference pairs); a bad record gets its reason and no views."""
+        rules = self.rules
+        source_id, line, role = int(batch["source_id"][i]), int(batch["line"][i]), str(batch["role"][i])
         row: dict[str, Any] = {
-            "source": str(batch["source"][i]), "line": int(batch["line"][i]),
-            "status": "accepted", "reason": "", "raw": "", "format": "", "split": "",
-            "content_hash": "", "num_tokens": 0, "trained_tokens": 0,
-            "input_ids": [], "labels": [],
+            "source": str(batch["source"][i]), "source_id": source_id, "line": line,
+            "origin": origin_of(role, source_id, line), "status": "accepted", "reason": "",
+            "raw": "", "format": "", "split": "eval" if role == "eval" else "",
+            "content_hash": "", "num_tokens": 0, "trained_tokens": 0, "input_ids": [],
+            "labels": [], "rejected_input_ids": [], "rejected_labels": [],
         }
         text = str(batch["text"][i])
-        fmt = ""
         try:
+            size = int(batch["num_bytes"][i])
+            if size > rules.max_record_bytes:
+                raise RecordError(f"record too large: {size} bytes > "
+                                  f"data.max_record_bytes={rules.max_record_bytes}")
             if bool(batch["bad_utf8"][i]):
                 raise RecordError("line is not valid UTF-8")
             record = parse_line(text)
-            fmt = self.fmt if self.fmt != "auto" else str(batch["file_format"][i])
+            fields = rules.fields.get(source_id, {})
+            fmt = str(batch["file_format"][i]) or (rules.fmt if rules.fmt != "auto" else "")
+            row["format"] = fmt = fmt or detect_format(record, fields) or ""
             if not fmt:
-                fmt = detect_format(record) or ""
-            if not fmt:
-                raise RecordError("no known format: expected a 'text', 'messages', or "
-                                  "'instruction' + 'output' field")
-            turns = to_turns(record, fmt)
-            ids, labels = tokenize_segments(segments(turns, self.tokenizer), self.tokenizer)
-            ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
-            trained = sum(1 for label in labels[1:] if label != IGNORE)
-            if trained == 0:
-                raise RecordError(f"no trainable tokens within max_seq_len={self.max_seq_len}")
-            digest, split = split_of(content_key(turns), self.eval_fraction)
-            if str(batch["role"][i]) == "eval":
-                split = "eval"
-            row.update(format=fmt, split=split, content_hash=digest, num_tokens=len(ids),
-                       trained_tokens=trained, input_ids=ids, labels=labels)
+                raise RecordError("no known format: expected a 'text', 'messages', "
+                                  "'instruction' + 'output' or 'chosen' + 'rejected' field")
+            if fmt == "preference":
+                pair = to_preference(record, fields)
+                turns = pair.prompt + [pair.chosen]
+                key = content_key(turns + [Turn("rejected", pair.rejected.content, True)])
+                views = [segments(turns, self.tokenizer),
+                         segments(pair.prompt + [pair.rejected], self.tokenizer)]
+            else:
+                turns = to_turns(record, fmt, fields, rules.trained_roles)
+                key = content_key(turns)
+                views = [segments(turns, self.tokenizer)]
+            digest, split = split_of(key, rules.eval_fraction)
+            row.update(content_hash=digest, split=row["split"] or split)
+            return row, views
         except RecordError as err:
-            reason = f"{err} ({fmt} format)" if fmt else str(err)
-            row.update(status="rejected", reason=reason, raw=text[:RAW_KEEP])
+            self.reject(row, err, text)
+            return row, []
+
+    def finish(self, row: dict[str, Any], tokens: list[tuple[list[int], list[int]]],
+               text: str) -> None:
+        """Applies the length rules to the tokenized views and fills the row."""
+        try:
+            (ids, labels), *rest = [self._limit(*t) for t in tokens]
+            trained = int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE))
+            if trained == 0:
+                raise RecordError(f"no trainable tokens within max_seq_len={self.rules.max_seq_len}")
+            row.update(num_tokens=len(ids), trained_tokens=trained, input_ids=ids, labels=labels)
+            if rest:
+                row.update(rejected_input_ids=rest[0][0], rejected_labels=rest[0][1])
+        except RecordError as err:
+            self.reject(row, err, text)
+
+    def one(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        """One record on its own (tests and debugging)."""
+        row, views = self.parse(batch, i)
+        if views:
+            self.finish(row, [tokenize_segments(v, self.tokenizer) for v in views],
+                        str(batch["text"][i]))
         return row
 
+    @staticmethod
+    def reject(row: dict[str, Any], err: RecordError, text: str) -> None:
+        reason = f"{err} ({row['format']} format)" if row["format"] else str(err)
+        row.update(status="rejected", reason=reason, raw=text[:RAW_KEEP], content_hash="",
+                   num_tokens=0, trained_tokens=0, input_ids=[], labels=[],
+                   rejected_input_ids=[], rejected_labels=[])
 
-def file_format_of(first_records: list[dict[str, Any]]) -> str:
-    """The format of a file, from its first parseable records ('' when none match)."""
-    for record in first_records:
-        fmt = detect_format(record)
-        if fmt:
-            return fmt
-    return ""
+    def _limit(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Applies min_tokens / max_tokens / max_seq_len (may raise RecordError)."""
+        rules = self.rules
+        n = len(ids)
+        if rules.max_tokens is not None and n > rules.max_tokens:
+            raise RecordError(f"too long: {n} tokens > data.max_tokens={rules.max_tokens}")
+        if n < rules.min_tokens:
+            raise RecordError(f"too short: {n} tokens < data.min_tokens={rules.min_tokens}")
+        if n > rules.max_seq_len:
+            if rules.truncation == "reject":
+                raise RecordError(f"too long: {n} tokens > data.max_seq_len={rules.max_seq_len} "
+                                  "(data.truncation=reject)")
+            ids, labels = ids[: rules.max_seq_len], labels[: rules.max_seq_len]
+        return ids, labels
+
+
+def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows -> Arrow table; token lists go through numpy, much faster than from_pylist."""
+    columns = {}
+    for name in OUTPUT_SCHEMA.names:
+        values = [r[name] for r in rows]
+        kind = OUTPUT_SCHEMA.field(name).type
+        if pa.types.is_list(kind):
+            lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+            offsets = np.zeros(len(values) + 1, dtype=np.int32)
+            np.cumsum(lengths, out=offsets[1:])
+            flat = (np.concatenate([np.asarray(v, dtype=np.int32) for v in values]) if len(values)
+                    else np.zeros(0, np.int32))
+            columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+        else:
+            columns[name] = pa.array(values, type=kind)
+    return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
+
+
+def _join(pieces: list[tuple[str, bool]], encoded) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenates the next len(pieces) encodings from `encoded`, labelling trained pieces."""
+    ids, labels = [], []
+    for (_, trained), piece_ids in zip(pieces, encoded):
+        piece = np.asarray(piece_ids, dtype=np.int32)
+        ids.append(piece)
+        labels.append(piece if trained else np.full(len(piece), IGNORE, dtype=np.int32))
+    if not ids:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return np.concatenate(ids), np.concatenate(labels)

@@ -29,20 +29,73 @@ def build_tiny_llama(tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def load_base(model_cfg: ModelSection, use_gpu: bool):
-    """`from_pretrained` on a hub id or local folder, frozen."""
+def load_base(model_cfg: ModelSection, use_gpu: bool, device: torch.device | None = None):
+    """`from_pretrained` on a hub id or local folder, frozen; 4-bit NF4 for QLoRA."""
     from transformers import AutoModelForCausalLM
 
     if model_cfg.name_or_path == BUILTIN_TINY_LLAMA:
         raise ValueError("builtin:tiny-llama must be materialised with save_builtin_base first")
+    dtype = resolve_dtype(model_cfg, use_gpu)
+    extra = {}
+    if model_cfg.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,  # FSDP shards the packed weights as this dtype
+        )
+        extra["device_map"] = {"": device or "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.name_or_path,
-        dtype=resolve_dtype(model_cfg, use_gpu),
-        attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
+        model_cfg.name_or_path, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code, **extra,
     )
     model.requires_grad_(False)
     return model
+
+
+def use_liger(model_cfg: ModelSection, model_type: str, use_gpu: bool) -> bool:
+    if model_cfg.liger == "off" or (model_cfg.liger == "auto" and not use_gpu):
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        if model_cfg.liger == "on":
+            raise
+        return False
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def apply_speedups(model, model_cfg: ModelSection, activation_checkpointing, use_gpu: bool):
+    """Liger kernels, per-layer activation checkpointing and per-layer torch.compile, in
+    that order, on the base model before the adapter is added."""
+    if use_liger(model_cfg, model.config.model_type, use_gpu):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    layers = _decoder_layers(model)
+    if activation_checkpointing != "none":
+        # transformers' per-layer switch keeps module names (and so adapter keys) unchanged.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        every = 1 if activation_checkpointing == "all" else int(activation_checkpointing)
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i % every == 0
+    if model_cfg.compile:
+        for layer in _layer_container(model):
+            layer.compile()
+    return model
+
+
+def _layer_container(model) -> torch.nn.ModuleList:
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ValueError("cannot find the decoder layers (a ModuleList named 'layers')")
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    return list(_layer_container(model))
 
 
 def add_lora(model, lora_cfg: LoraSection):

@@ -1,13 +1,17 @@
-"""Checkpoint contents: the adapter, optimizer, scheduler and loop position; never the base."""
+"""Checkpoint contents: the adapter, optimizer, scheduler and loop position; never the base.
+
+Each strategy's engine writes its own files (rank 0 only for DDP/FSDP, one partition per
+rank for DeepSpeed); Ray Train merges the ranks' folders into one checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
 
 STATE_FILE = "train_state.json"
 
@@ -23,22 +27,18 @@ class LoopState:
     eval_loss_initial: float | None = None
 
 
-def save(model, optimizer, scheduler, state: LoopState) -> str:
-    """Writes a checkpoint folder (rank 0 only) and returns its path."""
-    folder = tempfile.mkdtemp(prefix="ray_app_ckpt_")
-    model.save_pretrained(folder)  # PEFT: adapter_config.json + adapter_model.safetensors
-    torch.save(optimizer.state_dict(), Path(folder) / "optimizer.pt")
-    torch.save(scheduler.state_dict(), Path(folder) / "scheduler.pt")
-    (Path(folder) / STATE_FILE).write_text(json.dumps(asdict(state)))
+def save(engine, state: LoopState, rank: int) -> str | None:
+    """Writes this rank's part of a checkpoint; returns its folder, or None when empty."""
+    folder = tempfile.mkdtemp(prefix="ray_app_ckpt_")  # must outlive the report call
+    engine.save(Path(folder), rank)
+    if rank == 0:
+        (Path(folder) / STATE_FILE).write_text(json.dumps(asdict(state)))
+    if not os.listdir(folder):
+        shutil.rmtree(folder)
+        return None
     return folder
 
 
-def load(folder: str, model, optimizer, scheduler) -> LoopState:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    path = Path(folder)
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    return LoopState(**json.loads((path / STATE_FILE).read_text()))
+def load(folder: str, engine) -> LoopState:
+    engine.load(Path(folder))
+    return LoopState(**json.loads((Path(folder) / STATE_FILE).read_text()))

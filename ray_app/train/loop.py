@@ -20,9 +20,11 @@ import torch.distributed as dist
 from ray_app.config import Config
 from ray_app.data.collate import REAL_TOKENS, PadCollate
 from ray_app.data.tokenize import IGNORE, load_tokenizer
-from ray_app.model.loading import add_lora, load_base
+from ray_app.model.loading import add_lora, apply_speedups, load_base
 from ray_app.train import checkpoint as ckpt
+from ray_app.train.engines import build_engine
 from ray_app.train.faults import FAIL_AT_STEP_ENV
+from ray_app.train.flops import flops_per_token, peak_tflops
 from ray_app.train.plan import StepPlan
 
 SHUFFLE_BUFFER = 2048
@@ -40,21 +42,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                cfg.model.trust_remote_code)
-    model = add_lora(load_base(cfg.model, cfg.scaling.use_gpu), cfg.lora)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = ray.train.torch.prepare_model(model)
-    peft_model = model.module if hasattr(model, "module") else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = _scheduler(optimizer, t.schedule, plan)
+    base = load_base(cfg.model, cfg.scaling.use_gpu, device)
+    base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
+    engine = build_engine(add_lora(base, cfg.lora), cfg,
+                          lambda optimizer: _scheduler(optimizer, t.schedule, plan))
+
+    flops = flops_per_token(engine.peft_model, cfg.data.max_seq_len)
+    peak = peak_tflops(device)
+
+    def speed(tokens_per_s: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"tokens_per_s_per_worker": tokens_per_s / world}
+        if peak:
+            out["mfu"] = tokens_per_s / world * flops / (peak * 1e12)
+        if device.type == "cuda":
+            out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return out
 
     state = ckpt.LoopState()
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as folder:
-            state = ckpt.load(folder, peft_model, optimizer, scheduler)
+            state = ckpt.load(folder, engine)
         state.restarts += 1
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu
                 else nullcontext())
@@ -63,7 +71,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
 
     def evaluate() -> float | None:
-        return _eval_loss(peft_model, eval_shard, collate, t.batch_size_per_worker, device,
+        return _eval_loss(engine.model, eval_shard, collate, t.batch_size_per_worker, device,
                           autocast) if eval_shard else None
 
     def publish(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
@@ -99,8 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if len(micro) < t.grad_accum_steps:
                 continue
             step_start = time.perf_counter()
-            loss, tokens, grad_norm = _optimizer_step(model, micro, optimizer, scheduler,
-                                                      t.max_grad_norm, autocast, world, device)
+            loss, tokens, grad_norm = _optimizer_step(engine, micro, autocast, world, device)
             state.step += 1
             state.micro_batches_in_epoch = index + 1
             state.tokens_seen += tokens
@@ -117,9 +124,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 steps_in_window = (state.step - 1) % t.log_every + 1
                 metrics.update(
                     step=state.step, epoch=state.epoch, loss=window_loss / steps_in_window,
-                    lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                    lr=engine.lr(), grad_norm=grad_norm,
                     tokens_per_s=window_tokens / max(window_seconds, 1e-9),
                     tokens_seen=state.tokens_seen,
+                    **speed(window_tokens / max(window_seconds, 1e-9)),
                 )
                 window_tokens, window_loss, window_seconds = 0, 0.0, 0.0
             if t.eval_every and state.step % t.eval_every == 0 and state.step < plan.total_steps:
@@ -133,7 +141,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics.update(eval_loss=final_loss, eval_perplexity=_ppl(final_loss),
                                    final=True, train_seconds=state.train_seconds,
                                    start_step=start_step, tokens_seen=state.tokens_seen)
-                folder = ckpt.save(peft_model, optimizer, scheduler, state) if rank == 0 else None
+                folder = ckpt.save(engine, state, rank)
                 metrics.setdefault("step", state.step)
                 last_checkpoint_step = state.step
             if metrics:
@@ -146,7 +154,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if last_checkpoint_step != state.step:  # resumed at the very end: still hand back a result
         publish({"step": state.step, "final": True, "start_step": start_step,
                  "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds},
-                ckpt.save(peft_model, optimizer, scheduler, state) if rank == 0 else None)
+                ckpt.save(engine, state, rank))
 
 
 def _scheduler(optimizer, schedule: str, plan: StepPlan):
@@ -157,7 +165,7 @@ def _scheduler(optimizer, schedule: str, plan: StepPlan):
                          num_training_steps=plan.total_steps)
 
 
-def _optimizer_step(model, micro, optimizer, scheduler, max_grad_norm, autocast, world, device):
+def _optimizer_step(engine, micro, autocast, world, device):
     """One optimizer step over `micro`; the loss is the mean over all trained tokens of
     all micro-batches on all workers, whatever their padding or length."""
     local_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
@@ -166,26 +174,20 @@ def _optimizer_step(model, micro, optimizer, scheduler, max_grad_norm, autocast,
     if world > 1:
         dist.all_reduce(counts)
     trained_tokens, real_tokens = int(counts[0]), int(counts[1])
-    # DDP averages gradients over workers, so each worker divides by the global count / world.
+    # Gradients are averaged over workers, so each worker divides by the global count / world.
     denominator = max(trained_tokens, 1) / world
     total = 0.0
     for i, batch in enumerate(micro):
-        sync = i == len(micro) - 1 or not hasattr(model, "no_sync")
-        with (nullcontext() if sync else model.no_sync()), autocast:
-            out = model(**batch, num_items_in_batch=denominator)
-        out.loss.backward()
+        last = i == len(micro) - 1
+        with engine.no_sync(last), autocast:
+            out = engine.model(**batch, num_items_in_batch=denominator)
+        engine.backward(out.loss, last)
         total += float(out.loss.detach())
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad],
-        max_grad_norm if max_grad_norm > 0 else float("inf"),
-    )
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = engine.step()
     loss = torch.tensor([total / world], device=device)
     if world > 1:
         dist.all_reduce(loss)
-    return float(loss), real_tokens, float(grad_norm)
+    return float(loss), real_tokens, grad_norm
 
 
 @torch.no_grad()

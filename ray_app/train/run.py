@@ -116,6 +116,9 @@ def finish(cfg: Config, data: PreparedData, result, output: Path) -> dict[str, A
                              if metrics.get("train_seconds") else None),
             "restarts": metrics.get("restarts", 0),
             "resumed_from_step": metrics.get("start_step", 0),
+            "tokens_per_s_per_worker_last": metrics.get("tokens_per_s_per_worker"),
+            "mfu_last": metrics.get("mfu"),
+            "peak_gpu_gib": metrics.get("peak_gib"),
         },
         "eval": {
             "loss_initial": metrics.get("eval_loss_initial"),

@@ -1,0 +1,254 @@
+"""Distribution strategies behind one small interface, so the loop is the same for all.
+
+- `ddp`: every worker holds the whole (frozen) base; gradients of the adapter are averaged.
+- `fsdp`: FSDP2 `fully_shard` per decoder layer and at the root; bf16 parameters with fp32
+  gradient reduction on GPU. Checkpoints hold full (unsharded) adapter and optimizer state,
+  so they load under any world size.
+- `deepspeed`: ZeRO-2 or ZeRO-3, optional CPU offload; DeepSpeed writes its own sharded
+  checkpoint (one file per rank), which Ray Train merges into one checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ray_app.config import Config
+
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a (PEFT-wrapped) causal LM."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError("cannot find the decoder layers (a ModuleList named 'layers')")
+
+
+def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    name = t.optimizer
+    if name == "auto":
+        name = "adamw_fused" if cfg.scaling.use_gpu else "adamw"
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay,
+                             fused=name == "adamw_fused")
+
+
+class Engine:
+    """DDP (and the base of the others): forward, backward, step, checkpoint state."""
+
+    def __init__(self, peft_model, cfg: Config, scheduler_factory):
+        import ray.train.torch
+
+        self.cfg = cfg
+        self.peft_model = peft_model
+        self.model = ray.train.torch.prepare_model(peft_model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.scheduler = scheduler_factory(self.optimizer)
+
+    def no_sync(self, last_micro_batch: bool):
+        if last_micro_batch or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- checkpoints: every rank calls these (some strategies gather collectively)
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.peft_model)
+
+    def save(self, folder: Path, rank: int) -> None:
+        adapter = self.adapter_state()
+        if rank == 0:
+            self.peft_model.save_pretrained(folder, state_dict=adapter)
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+
+    def load(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.peft_model, load_file(folder / "adapter_model.safetensors"))
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+
+
+class FSDPEngine(Engine):
+    def __init__(self, peft_model, cfg: Config, scheduler_factory):
+        import ray.train.torch
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.cfg = cfg
+        self.peft_model = peft_model
+        device = ray.train.torch.get_device()
+        peft_model.to(device)
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if cfg.scaling.use_gpu else MixedPrecisionPolicy())
+        for layer in decoder_layers(peft_model):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(peft_model, mp_policy=policy)
+        self.model = peft_model
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.scheduler = scheduler_factory(self.optimizer)
+
+    def no_sync(self, last_micro_batch: bool):
+        self.model.set_requires_gradient_sync(last_micro_batch)
+        return contextlib.nullcontext()
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=self._options())
+        return get_peft_model_state_dict(self.peft_model, state_dict=full)
+
+    def save(self, folder: Path, rank: int) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        adapter = self.adapter_state()
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        if rank == 0:
+            self.peft_model.save_pretrained(folder, state_dict=adapter)
+            torch.save(optim, folder / OPTIMIZER_FILE)
+            torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        adapter = load_file(folder / "adapter_model.safetensors")
+        names = {n for n, _ in self.model.named_parameters()}
+        full = {_model_key(k, names): v for k, v in adapter.items()}
+        set_model_state_dict(self.model, full, options=self._options(strict=False))
+        optim = torch.load(folder / OPTIMIZER_FILE, weights_only=False)
+        set_optimizer_state_dict(self.model, self.optimizer, optim, options=self._options())
+        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+
+
+def _model_key(adapter_key: str, names: set[str]) -> str:
+    """PEFT saves `...lora_A.weight`; the live module has `...lora_A.default.weight`."""
+    live = adapter_key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+        ".lora_B.weight", ".lora_B.default.weight")
+    if live not in names:
+        raise KeyError(f"adapter tensor {adapter_key!r} has no parameter {live!r} in the model")
+    return live
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, peft_model, cfg: Config, scheduler_factory):
+        import os
+
+        if not cfg.scaling.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        self.cfg = cfg
+        self.peft_model = peft_model
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, cfg)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=peft_model, optimizer=optimizer, lr_scheduler=scheduler_factory(optimizer),
+            config=deepspeed_config(cfg), dist_init_required=False,
+        )
+        self.model = self.engine
+        self.params = params
+
+    def no_sync(self, last_micro_batch: bool):
+        return contextlib.nullcontext()  # DeepSpeed reduces gradients at step()
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already token-weighted
+        if not last_micro_batch:
+            self.engine.step()  # DeepSpeed counts micro-steps; it only updates at the boundary
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+        from peft import get_peft_model_state_dict
+
+        trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            return {k: v.detach().cpu().clone()
+                    for k, v in get_peft_model_state_dict(self.peft_model).items()}
+
+    def save(self, folder: Path, rank: int) -> None:
+        adapter = self.adapter_state()
+        # Every rank writes its optimizer partition; Ray Train merges the folders.
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state",
+                                    exclude_frozen_parameters=True)
+        if rank == 0:
+            self.peft_model.save_pretrained(folder, state_dict=adapter)
+
+    def load(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
+                                    load_module_strict=False)
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    t, s = cfg.train, cfg.scaling
+    zero: dict[str, Any] = {"stage": s.zero_stage, "overlap_comm": s.use_gpu,
+                            "contiguous_gradients": True}
+    if s.offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": s.use_gpu}
+    if s.offload == "optimizer_and_params" and s.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": s.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size_per_worker,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16": {"enabled": s.use_gpu},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+ENGINES = {"ddp": Engine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
+
+
+def build_engine(peft_model, cfg: Config, scheduler_factory) -> Engine:
+    return ENGINES[cfg.scaling.strategy](peft_model, cfg, scheduler_factory)
+
