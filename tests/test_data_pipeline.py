@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from conftest import tiny_config, write_lines
+from support import tiny_config, write_lines
 
 from ray_app.config import validate_config
 from ray_app.data.pipeline import prepare

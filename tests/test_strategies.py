@@ -4,9 +4,9 @@ failure by resuming from its own checkpoint, and ends with a plain PEFT adapter.
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config
 from rich.console import Console
 from safetensors.torch import load_file
+from support import tiny_config
 
 from ray_app.config import validate_config
 from ray_app.train.faults import FAIL_AT_STEP_ENV

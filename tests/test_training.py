@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
 from rich.console import Console
+from support import tiny_config
 
 from ray_app.config import validate_config
 from ray_app.train.faults import FAIL_AT_STEP_ENV

@@ -32,7 +32,7 @@ def quickstart_config_dict() -> dict[str, Any]:
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": [str(DATA_DIR)], "eval_fraction": 0.05, "max_seq_len": 128},
         "train": {
-            "max_steps": 120, "lr": 3e-3, "warmup_ratio": 0.05, "batch_size_per_worker": 16,
+            "max_steps": 80, "lr": 3e-3, "warmup_ratio": 0.05, "batch_size_per_worker": 16,
             "log_every": 5, "eval_every": 40, "checkpoint_every": 40, "seed": 0,
         },
         "scaling": {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 0.5}},
