@@ -327,8 +327,11 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
         ("Tokens/s are real (non-pad) training tokens per second after warm-up, one GPU, "
          "sequence length 2048, LoRA r=16 alpha=32 on q,k,v,o, bf16. MFU = tokens/s x useful "
          "flops per token / measured bf16 matmul rate (see `bench/gpu_throughput.py`; "
-         "recomputation not counted). Peak is `torch.cuda.max_memory_allocated` of the "
-         "training process."),
+         "recomputation not counted), with the matmul rate measured in the same run. Peak is "
+         "`torch.cuda.max_memory_allocated` of the training process. ray_app runs get an "
+         "8-record eval file; 'no eval data' is the same run without it, where the trainer "
+         "stays in eval mode (no dropout, no activation checkpointing, Liger's fused "
+         "linear cross-entropy falls back to full logits; see the script's docstring)."),
         "",
         ("| model | variant | method | settings | device | batch | tokens/s | MFU | peak GiB "
          "| matmul TFLOP/s |"),

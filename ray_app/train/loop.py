@@ -46,6 +46,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
     engine = build_engine(add_lora(base, cfg.lora), cfg,
                           lambda optimizer: _scheduler(optimizer, t.schedule, plan))
+    # from_pretrained returns eval mode, which silently disables dropout, activation
+    # checkpointing and Liger's fused loss.
+    engine.model.train()
 
     flops = flops_per_token(engine.peft_model, cfg.data.max_seq_len)
     peak = peak_tflops(device)

@@ -48,7 +48,22 @@ def materialise_builtin(cfg: Config, tokenizer, output: Path) -> Config:
     return cfg.model_copy(update={"model": model})
 
 
+def check_packages(cfg: Config) -> None:
+    """Names the missing package before any Ray work, instead of a worker traceback."""
+    import importlib.util
+
+    needs = {"deepspeed": cfg.scaling.strategy == "deepspeed",
+             "bitsandbytes": cfg.model.quantization == "nf4"
+             or cfg.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"),
+             "liger_kernel": cfg.model.liger == "on"}
+    for package, needed in needs.items():
+        if needed and importlib.util.find_spec(package) is None:
+            raise UserError(f"This config needs the {package!r} package, which is not installed. "
+                            "Install the GPU extras: pip install -e '.[gpu]' (or scripts/setup.sh --gpu).")
+
+
 def run_training(cfg: Config, console: Console) -> dict[str, Any]:
+    check_packages(cfg)
     output = cfg.output_path()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = check_tokenizer(cfg)
