@@ -73,7 +73,7 @@ def apply_speedups(model, model_cfg: ModelSection, activation_checkpointing, use
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if activation_checkpointing != "none":
         # transformers' per-layer switch keeps module names (and so adapter keys) unchanged.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -81,21 +81,18 @@ def apply_speedups(model, model_cfg: ModelSection, activation_checkpointing, use
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i % every == 0
     if model_cfg.compile:
-        for layer in _layer_container(model):
+        for layer in layers:
             layer.compile()
     return model
 
 
-def _layer_container(model) -> torch.nn.ModuleList:
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The repeated transformer blocks of a (PEFT-wrapped) causal LM."""
     for module in model.modules():
         layers = getattr(module, "layers", None)
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
             return layers
     raise ValueError("cannot find the decoder layers (a ModuleList named 'layers')")
-
-
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    return list(_layer_container(model))
 
 
 def add_lora(model, lora_cfg: LoraSection):

@@ -17,18 +17,10 @@ from typing import Any
 import torch
 
 from ray_app.config import Config
+from ray_app.model.loading import decoder_layers
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated transformer blocks of a (PEFT-wrapped) causal LM."""
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return list(layers)
-    raise ValueError("cannot find the decoder layers (a ModuleList named 'layers')")
 
 
 def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
