@@ -107,15 +107,18 @@ def run_ray(corpus: Path, tokenizer_dir: Path, cpus: int) -> dict:
     r = data.report
     return {"records": r.accepted, "tokens": r.train_tokens, "seconds": seconds, "cpus": cpus,
             "driver_peak_rss_mb": rss.peak / 2**20, "train_sequences": r.train_sequences,
-            "packing_efficiency": r.packing_efficiency, "balanced": r.balanced()}
+            "packing_efficiency": r.packing_efficiency, "balanced": r.balanced(),
+            "stage_seconds": r.stage_seconds}
 
 
-def _child(kind: str, corpus: Path, tokenizer_dir: Path, cpus: int) -> dict:
+def _child(kind: str, corpus: Path, tokenizer_dir: Path, cpus: int,
+           env: dict[str, str] | None = None) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {str(REPO / 'bench')!r}); "
             f"from data_pipeline import run_{kind}; from pathlib import Path; "
             f"r = run_{kind}(Path({str(corpus)!r}), Path({str(tokenizer_dir)!r})"
             + (f", {cpus}" if kind == "ray" else "") + "); print('RESULT ' + json.dumps(r))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, **(env or {})})
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -129,6 +132,8 @@ def main() -> None:
     tokenizer_dir = build_qwen_tokenizer(work / "qwen_tokenizer")
     corpus = write_corpus(work / "corpus", args.mb)
     baseline = _child("baseline", corpus, tokenizer_dir, 0)
+    # The same with the tokenizer's own thread pool off: one core, as "single process" says.
+    baseline_1t = _child("baseline", corpus, tokenizer_dir, 0, {"TOKENIZERS_PARALLELISM": "false"})
     ray_runs = {c: _child("ray", corpus, tokenizer_dir, c) for c in (1, 2)}
     memory = {}
     for scale in (1, 10):
@@ -146,6 +151,8 @@ def main() -> None:
                      f"vocab {151643 + len(SPECIAL)}",
         "corpus_mb": args.mb,
         "baseline_datasets_map": {**baseline, "tokens_per_s": rate(baseline)},
+        "baseline_datasets_map_one_thread": {**baseline_1t, "tokens_per_s": rate(baseline_1t)},
+        "ratio_ray2_over_one_thread_baseline": rate(ray_runs[2]) / rate(baseline_1t),
         "ray_pipeline": {str(c): {**r, "tokens_per_s": rate(r)} for c, r in ray_runs.items()},
         "ratio_ray2_over_baseline": rate(ray_runs[2]) / rate(baseline),
         "scaling_2_over_1_cpu": rate(ray_runs[2]) / rate(ray_runs[1]),
@@ -162,7 +169,9 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     b, ray1, ray2 = r["baseline_datasets_map"], r["ray_pipeline"]["1"], r["ray_pipeline"]["2"]
-    rows = [("datasets.map(batched=True), 1 process", b),
+    rows = [("datasets.map(batched=True), 1 process (tokenizer threads on)", b),
+            ("datasets.map(batched=True), 1 process, TOKENIZERS_PARALLELISM=false",
+             r["baseline_datasets_map_one_thread"]),
             ("ray_app prepare, 1 CPU", ray1), ("ray_app prepare, 2 CPUs", ray2)]
     lines = [
         "# Data pipeline benchmark", "",
@@ -172,10 +181,13 @@ def markdown(r: dict) -> str:
     ]
     lines += [f"| {name} | {x['records']:,} | {x['tokens']:,} | {x['seconds']:.1f} | "
               f"{x['tokens'] / x['seconds']:,.0f} |" for name, x in rows]
-    lines += ["", (f"Ray (2 CPUs) / datasets.map: **{r['ratio_ray2_over_baseline']:.2f}x**; "
+    lines += ["", (f"Ray (2 CPUs) / datasets.map: **{r['ratio_ray2_over_baseline']:.2f}x** "
+              f"(**{r['ratio_ray2_over_one_thread_baseline']:.2f}x** against one thread); "
               f"Ray 2 CPUs / 1 CPU: **{r['scaling_2_over_1_cpu']:.2f}x**. The Ray figures are "
               "the whole `prepare` (read, validate, tokenize, dedup, pack, write, count), the "
               "baseline tokenization only."), "",
+              "Ray stage wall times (2 CPUs): " + ", ".join(
+                  f"{k} {v:.1f} s" for k, v in ray2.get("stage_seconds", {}).items()), "",
               "| corpus | records | prepare seconds | driver peak RSS (MB) |", "|---|---:|---:|---:|"]
     lines += [f"| {size} | {m['records']:,} | {m['seconds']:.1f} | {m['driver_peak_rss_mb']:.0f} |"
               for size, m in r["driver_memory"].items()]

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="Read, validate and tokenize the data; print the report.")
     _config_args(data)
     data.set_defaults(func=cmd_data)
+    submit = sub.add_parser(
+        "submit", help="Run train or data as a Ray job (Jobs API): uploads the config, prints "
+        "the job id and dashboard URL, follows the logs, exits with the job's status.")
+    _config_args(submit)
+    submit.add_argument("--command", choices=["train", "data"], default="train",
+                        help="What the job runs (default: train).")
+    submit.set_defaults(func=cmd_submit)
     try:
         from ray_app.k8s.cli import register as register_k8s
     except ImportError:
@@ -76,6 +83,21 @@ def cmd_train(args, console: Console) -> int:
     summary = run_training(cfg, console)
     render_summary(summary, console, cfg.output_path() / "run_summary.json")
     return 0 if summary["status"] == "succeeded" else 1
+
+
+def cmd_submit(args, console: Console) -> int:
+    import os
+
+    from ray_app.ray_session import is_dashboard_address
+    from ray_app.submit import submit_and_follow
+
+    args.address = args.address or os.environ.get("RAY_ADDRESS")
+    if not is_dashboard_address(args.address):
+        raise UserError("ray-app submit needs the cluster's dashboard URL: --address "
+                        "http://HOST:8265 (or RAY_ADDRESS). On Kubernetes: kubectl port-forward "
+                        "svc/<cluster>-head-svc 8265:8265.")
+    _load(args)  # validated before anything is uploaded
+    return submit_and_follow(args, console, args.command)
 
 
 def cmd_data(args, console: Console) -> int:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Self
 
 from ray_app.errors import UserError
 
@@ -201,6 +202,10 @@ class TrainSection(_Section):
     )
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept in storage.")
+    keep_best_by: Literal["latest", "eval_loss"] = Field(
+        "latest", description="Which checkpoints to keep: the newest, or the lowest eval loss "
+        "(evaluates at every checkpoint; the newest is always kept too, for resume)."
+    )
     activation_checkpointing: Literal["none", "all"] | int = Field(
         "none", description="Recompute activations: none, all layers, or every n-th layer (n)."
     )
@@ -218,6 +223,10 @@ class TrainSection(_Section):
 
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1, le=4096, description="Training workers (one per GPU).")
+    min_workers: int | None = Field(
+        None, ge=1, le=4096, description="Elastic: start with at least this many workers and "
+        "grow to num_workers as nodes arrive; the global batch stays that of num_workers."
+    )
     use_gpu: bool = Field(False, description="One GPU per worker; CPU (gloo) when false.")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="ddp replicates the base; fsdp (FSDP2) and deepspeed (ZeRO) shard it."
@@ -238,6 +247,19 @@ class ScalingSection(_Section):
             if amount < 0:
                 raise ValueError(f"amount for {name!r} must be >= 0, got {amount}")
         return value
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> Self:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers "
+                             f"({self.num_workers})")
+        return self
+
+    def worker_counts(self) -> int | tuple[int, int]:
+        """Ray Train's num_workers: a fixed count, or the elastic (min, max) range."""
+        if self.min_workers is None or self.min_workers == self.num_workers:
+            return self.num_workers
+        return (self.min_workers, self.num_workers)
 
     def worker_resources(self) -> dict[str, float]:
         if self.resources_per_worker is not None:
@@ -263,6 +285,21 @@ class RunSection(_Section):
     )
     max_failures: int = Field(
         3, ge=-1, description="Worker-group failures to retry from checkpoint (-1 = forever)."
+    )
+    max_preemptions: int = Field(
+        -1, ge=-1, description="Node preemptions (drained spot nodes) to recover from; "
+        "-1 = no limit. Counted apart from max_failures."
+    )
+    preemption_grace_s: float = Field(
+        60.0, gt=0, description="After SIGTERM, how long a worker waits for the next step "
+        "boundary to checkpoint before it exits anyway."
+    )
+    preemption_check_every: int = Field(
+        1, ge=0, description="Steps between checks for Ray's node-drain notice (0 = never)."
+    )
+    record_samples: bool = Field(
+        False, description="Write the sample ids of every step to <storage>/<name>/sample_trace/ "
+        "(local/NFS storage; audits exact resume)."
     )
 
     @field_validator("name")

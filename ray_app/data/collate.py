@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ray_app.data.order import SAMPLE_ID
 from ray_app.data.tokenize import IGNORE
 
 # Key of the batch entry that counts real (non-pad) tokens; the loop pops it before the
-# forward pass. Every other key is passed to the model as a keyword argument.
+# forward pass. SAMPLE_ID (the ids of the batch's sequences, when the rows carry them)
+# is popped as well. Every other key is passed to the model as a keyword argument.
 REAL_TOKENS = "num_real_tokens"
 
 
@@ -66,8 +68,11 @@ class PackedCollate:
             width = -(-max(len(r) for r in ids) // self.multiple) * self.multiple
             out = [torch.from_numpy(np.stack([_pad(r, width, fill) for r in rows]))
                    for rows, fill in ((ids, self.pad_id), (labels, IGNORE), (positions, None))]
-        return {"input_ids": out[0], "labels": out[1], "position_ids": out[2],
-                REAL_TOKENS: torch.tensor(real)}
+        batch_out = {"input_ids": out[0], "labels": out[1], "position_ids": out[2],
+                     REAL_TOKENS: torch.tensor(real)}
+        if SAMPLE_ID in batch:
+            batch_out[SAMPLE_ID] = torch.as_tensor(np.asarray(batch[SAMPLE_ID], dtype=np.int64))
+        return batch_out
 
 
 def _pad(row: np.ndarray, width: int, fill: int | None) -> np.ndarray:

@@ -36,6 +36,7 @@ import numpy as np
 
 CHUNK_ROWS = 256  # sequences per Parquet row group of the train split
 COLUMNS = ["input_ids", "labels", "position_ids"]
+SAMPLE_ID = "sample_id"  # a sequence's index in the prepared data (file, row group, row order)
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,19 @@ class TrainStream:
         """Micro-batches per rank per epoch (the last one may be short)."""
         return math.ceil(self.samples_per_rank(world_size) / batch_size)
 
+    def start_of(self, cursor: int, world_size: int) -> int:
+        """Where a run resumed at `cursor` really starts: rounded up to a multiple of the
+        world size, so that every rank still gets the same number of samples."""
+        return math.ceil(cursor / world_size) * world_size
+
     def samples(self, *, epoch: int, seed: int, world_size: int, rank: int,
                 start_sample: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """The rank's samples as dicts of numpy arrays, reading one chunk at a time."""
+        """The rank's samples as dicts of numpy arrays plus their `sample_id` (the
+        sequence's index in the prepared data), reading one chunk at a time."""
         _check(world_size, rank, start_sample)
         usable = self.samples_per_rank(world_size) * world_size
-        first = math.ceil(start_sample / world_size) * world_size
+        first = self.start_of(start_sample, world_size)
+        offsets = np.cumsum([0] + [c.rows for c in self.chunks])
         rng = np.random.default_rng([seed, epoch])
         g = 0
         for c in rng.permutation(len(self.chunks)):
@@ -77,17 +85,19 @@ class TrainStream:
             start, g = g, g + chunk.rows
             if g <= first:
                 continue  # wholly before the cursor: not even read
-            rows = np.random.default_rng([seed, epoch, int(c)]).permutation(chunk.rows)
-            mine = [(start + i, r) for i, r in enumerate(rows)
-                    if first <= start + i < usable and (start + i) % world_size == rank]
-            if mine:
-                table = _read_chunk(chunk)
-                columns = {name: table.column(name) for name in COLUMNS}
-                for _, r in mine:
-                    yield {name: np.asarray(col[int(r)].as_py(), dtype=np.int32)
-                           for name, col in columns.items()}
             if start >= usable:
                 return
+            rows = np.random.default_rng([seed, epoch, int(c)]).permutation(chunk.rows)
+            positions = start + np.arange(chunk.rows)
+            mine = rows[(positions >= first) & (positions < usable)
+                        & (positions % world_size == rank)]
+            if len(mine):
+                lists = _read_chunk(chunk)
+                for r in mine:
+                    sample = {name: values[bounds[r]:bounds[r + 1]]
+                              for name, (bounds, values) in lists.items()}
+                    sample[SAMPLE_ID] = np.int64(offsets[int(c)] + r)
+                    yield sample
 
     def batches(self, *, epoch: int, seed: int, world_size: int, rank: int, batch_size: int,
                 start_sample: int = 0,
@@ -97,14 +107,15 @@ class TrainStream:
         Every rank yields `batches_per_rank(world_size, batch_size)` batches when started
         at cursor 0. After k batches on each rank the cursor is
         `k * batch_size * world_size` (`cursor_after(k, batch_size, world_size)`)."""
-        pending: dict[str, list] = {name: [] for name in COLUMNS}
+        keys = COLUMNS + [SAMPLE_ID]
+        pending: dict[str, list] = {name: [] for name in keys}
         for sample in self.samples(epoch=epoch, seed=seed, world_size=world_size, rank=rank,
                                    start_sample=start_sample):
-            for name in COLUMNS:
+            for name in keys:
                 pending[name].append(sample[name])
             if len(pending["input_ids"]) == batch_size:
                 yield collate(pending) if collate else pending
-                pending = {name: [] for name in COLUMNS}
+                pending = {name: [] for name in keys}
         if pending["input_ids"]:
             yield collate(pending) if collate else pending
 
@@ -122,14 +133,22 @@ def _check(world_size: int, rank: int, start_sample: int) -> None:
         raise ValueError(f"start_sample must be >= 0, got {start_sample}")
 
 
-def _read_chunk(chunk: Chunk):
+def _read_chunk(chunk: Chunk) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{column: (row bounds, flat values)}: row r is values[bounds[r]:bounds[r + 1]],
+    sliced without building a Python list per row."""
     import pyarrow.parquet as pq
 
     from ray_app.data.storage import filesystem
 
     fs, path = filesystem(chunk.file)
     with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read_row_group(chunk.row_group, columns=COLUMNS)
+        table = pq.ParquetFile(f).read_row_group(chunk.row_group, columns=COLUMNS)
+    out = {}
+    for name in COLUMNS:
+        lists = table.column(name).combine_chunks()
+        bounds = lists.offsets.to_numpy()
+        out[name] = (bounds - bounds[0], lists.flatten().to_numpy(zero_copy_only=False))
+    return out
 
 
 def index_chunks(folder: str) -> tuple[Chunk, ...]:

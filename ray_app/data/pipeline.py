@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
     has_eval_shards = any(s.meta.role == "eval" for s in shards)
     rules = RecordRules.from_config(data, 0.0 if has_eval_shards else data.eval_fraction,
                                     {s.meta.source_id: s.meta.fields for s in shards})
+    clock = _StageClock()
     (read_lines(shards, data.max_record_bytes)
         .map_batches(TokenizeRecords,
                      fn_constructor_kwargs={"tokenizer_path": tokenizer_path(cfg), "rules": rules,
@@ -154,11 +156,14 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
                      batch_size=TOKENIZE_BATCH, batch_format="numpy", num_cpus=0.5)
         .write_parquet(records))
 
+    clock.lap("read_tokenize_write")
     duplicates = (find_duplicates(records, _partitions(records)) if data.dedup
                   else np.zeros(0, np.int64))
+    clock.lap("dedup")
     files = {s.path: SourceCounts(s.path, format="" if s.meta.format == "auto" else s.meta.format,
                                   weight=s.weight) for s in shards}
     report = report_from_counts(scan_records(records, duplicates, f"{cache}/rejects.jsonl"), files)
+    clock.lap("count_and_rejects")
     weights = {s.meta.source_id: s.weight for s in shards}
     accepted = (ray.data.read_parquet(records, columns=[
         "source_id", "origin", "status", "split", "content_hash", "input_ids", "labels"])
@@ -184,7 +189,20 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
             f"{cache}/train", columns=["num_tokens"]).sum("num_tokens"))
         report.packing_efficiency = report.sequence_tokens / (report.train_sequences
                                                               * data.max_seq_len)
+    clock.lap("pack_write")
+    report.stage_seconds = clock.laps
     return report
+
+
+class _StageClock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
 
 
 def read_lines(shards: list[Shard], max_record_bytes: int) -> ray.data.Dataset:

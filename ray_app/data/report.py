@@ -42,6 +42,7 @@ class DataReport:
     train_sequences: int = 0
     sequence_tokens: int = 0
     packing_efficiency: float = 0.0  # sequence_tokens / (train_sequences * max_seq_len)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass
 
     def balanced(self) -> bool:
         """records_read == accepted + rejected + duplicates, per source and in total."""

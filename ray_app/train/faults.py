@@ -1,12 +1,36 @@
-"""Fault injection for recovery tests and drills (never set in normal runs)."""
+"""Fault injection for recovery tests and drills (never set in normal runs).
+
+Both act once, on a fresh (not resumed) attempt, at the given optimizer step:
+- RAY_APP_FAIL_AT_STEP: every worker raises, like a crashed worker group;
+- RAY_APP_SIGTERM_AT_STEP: rank 0's process gets a real SIGTERM, like an evicted pod.
+RAY_APP_STEP_DELAY_S slows every step down, so that a drill can act mid-run.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import time
 
-# The worker group raises once at this step, on a fresh (not resumed) attempt.
 FAIL_AT_STEP_ENV = "RAY_APP_FAIL_AT_STEP"
+SIGTERM_AT_STEP_ENV = "RAY_APP_SIGTERM_AT_STEP"
+STEP_DELAY_ENV = "RAY_APP_STEP_DELAY_S"
 
 
-def fail_at_step() -> int:
-    return int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+def injected_faults() -> dict[str, float]:
+    """Read on the driver, passed to the workers in the loop config."""
+    return {"fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV) or 0),
+            "sigterm_at_step": int(os.environ.get(SIGTERM_AT_STEP_ENV) or 0),
+            "step_delay_s": float(os.environ.get(STEP_DELAY_ENV) or 0)}
+
+
+def inject(faults: dict[str, float], step: int, rank: int, resumed: bool) -> None:
+    if faults.get("step_delay_s"):
+        time.sleep(faults["step_delay_s"])
+    if resumed:
+        return
+    if step == faults.get("fail_at_step"):
+        raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
+    if step == faults.get("sigterm_at_step") and rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs on the main thread; let it before the step ends

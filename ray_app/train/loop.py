@@ -18,21 +18,24 @@ import torch
 import torch.distributed as dist
 
 from ray_app.config import Config
-from ray_app.data.collate import REAL_TOKENS, PadCollate
+from ray_app.data.collate import REAL_TOKENS, PackedCollate, PadCollate
+from ray_app.data.order import SAMPLE_ID, TrainStream
 from ray_app.data.tokenize import IGNORE, load_tokenizer
 from ray_app.model.loading import add_lora, apply_speedups, load_base
 from ray_app.train import checkpoint as ckpt
 from ray_app.train.engines import build_engine
-from ray_app.train.faults import FAIL_AT_STEP_ENV
+from ray_app.train.faults import inject
 from ray_app.train.flops import flops_per_token, peak_tflops
 from ray_app.train.plan import StepPlan
-
-SHUFFLE_BUFFER = 2048
+from ray_app.train.preemption import PreemptedError, PreemptionWatch
+from ray_app.train.prefetch import prefetch
+from ray_app.train.trace import SampleTrace, trace_folder
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     plan = StepPlan(**loop_config["plan"])
+    stream: TrainStream = loop_config["train_stream"]
     hub = loop_config.get("progress")
     t = cfg.train
     ctx = ray.train.get_context()
@@ -61,16 +64,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         return out
 
-    state = ckpt.LoopState()
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as folder:
-            state = ckpt.load(folder, engine)
-        state.restarts += 1
+    state, resumed, warnings = _restore(engine, rank, world)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu
                 else nullcontext())
     collate = PadCollate(tokenizer.pad_token_id)
-    train_shard = ray.train.get_dataset_shard("train")
+    # Packed rows keep their documents apart through position_ids (no attention mask).
+    train_collate = PackedCollate(tokenizer.pad_token_id,
+                                  flatten=cfg.model.attn_implementation == "flash_attention_2")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
 
     def evaluate() -> float | None:
@@ -88,31 +88,53 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     eval_loss = evaluate()
     initial = {"step": state.step, "epoch": state.epoch, "eval_loss": eval_loss,
-               "eval_perplexity": _ppl(eval_loss), "resumed": bool(resumed)}
+               "eval_perplexity": _ppl(eval_loss), "resumed": resumed,
+               "world_size": world, "warnings": warnings}
     if not resumed:
         state.eval_loss_initial = eval_loss
     publish(initial)
 
+    trace = (SampleTrace(trace_folder(loop_config["storage"], cfg.run.name), rank, world)
+             if cfg.run.record_samples else None)
     window_tokens, window_loss, window_seconds = 0, 0.0, 0.0
     start_step = state.step
-    fail_at = int(loop_config.get("fail_at_step") or 0)
+    faults = loop_config.get("faults") or {}
     last_checkpoint_step = state.step if resumed else -1
+    # Elastic runs keep the global batch of scaling.num_workers workers.
+    accum = math.ceil(t.grad_accum_steps * cfg.scaling.num_workers / world)
+    watch = PreemptionWatch(cfg.run.preemption_check_every, device)
+
+    def checkpoint(metrics: dict[str, Any], final: bool = False) -> None:
+        nonlocal last_checkpoint_step
+        if final or t.keep_best_by == "eval_loss":
+            metrics.update(_eval_metrics(evaluate()))
+        if final:
+            metrics.update(final=True, train_seconds=state.train_seconds,
+                           start_step=start_step, tokens_seen=state.tokens_seen)
+        state.world_size = world
+        metrics.setdefault("step", state.step)
+        publish(metrics, ckpt.save(engine, state, rank))
+        last_checkpoint_step = state.step
     while state.step < plan.total_steps:
-        batches = train_shard.iter_torch_batches(
-            batch_size=t.batch_size_per_worker, collate_fn=collate, device=device,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=t.seed + state.epoch,
-        )
+        # The epoch's order is fixed by (seed, epoch, world size); the cursor skips what
+        # was trained on before a restart, also when the world size changed.
+        state.sample_cursor = stream.start_of(state.sample_cursor, world)
+        batches = prefetch(stream.batches(
+            epoch=state.epoch, seed=t.seed, world_size=world, rank=rank,
+            batch_size=t.batch_size_per_worker, start_sample=state.sample_cursor,
+            collate=train_collate))
         micro: list[dict[str, torch.Tensor]] = []
-        for index, batch in enumerate(batches):
-            if index < state.micro_batches_in_epoch:
-                continue  # already trained on before the restart
-            micro.append(batch)
-            if len(micro) < t.grad_accum_steps:
+        for batch in batches:
+            micro.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            if len(micro) < accum:
                 continue
+            sample_ids = [int(i) for b in micro for i in b.pop(SAMPLE_ID)]
             step_start = time.perf_counter()
             loss, tokens, grad_norm = _optimizer_step(engine, micro, autocast, world, device)
             state.step += 1
-            state.micro_batches_in_epoch = index + 1
+            state.sample_cursor += len(sample_ids) * world  # every rank took as many
+            if trace:
+                trace.write(state, sample_ids)
             state.tokens_seen += tokens
             step_seconds = time.perf_counter() - step_start
             state.train_seconds += step_seconds
@@ -120,8 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_tokens += tokens
             window_loss += loss
             micro = []
-            if state.step == fail_at and not resumed:
-                raise RuntimeError(f"injected failure at step {fail_at} ({FAIL_AT_STEP_ENV})")
+            inject(faults, state.step, rank, resumed)
             metrics: dict[str, Any] = {}
             if state.step % t.log_every == 0 or state.step == plan.total_steps:
                 steps_in_window = (state.step - 1) % t.log_every + 1
@@ -133,31 +154,47 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     **speed(window_tokens / max(window_seconds, 1e-9)),
                 )
                 window_tokens, window_loss, window_seconds = 0, 0.0, 0.0
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < plan.total_steps:
-                loss_eval = evaluate()
-                metrics.update(step=state.step, epoch=state.epoch, eval_loss=loss_eval,
-                               eval_perplexity=_ppl(loss_eval))
-            folder = None
-            if state.step % t.checkpoint_every == 0 or state.step == plan.total_steps:
-                if state.step == plan.total_steps:
-                    final_loss = evaluate()
-                    metrics.update(eval_loss=final_loss, eval_perplexity=_ppl(final_loss),
-                                   final=True, train_seconds=state.train_seconds,
-                                   start_step=start_step, tokens_seen=state.tokens_seen)
-                folder = ckpt.save(engine, state, rank)
-                metrics.setdefault("step", state.step)
-                last_checkpoint_step = state.step
-            if metrics:
-                publish(metrics, folder)
-            if state.step >= plan.total_steps:
+            final = state.step == plan.total_steps
+            due = state.step % t.checkpoint_every == 0
+            if t.eval_every and state.step % t.eval_every == 0 and not final \
+                    and not (due and t.keep_best_by == "eval_loss"):
+                metrics.update(step=state.step, epoch=state.epoch, **_eval_metrics(evaluate()))
+            notice = watch.poll(state.step)
+            if final or due or notice:
+                if notice:
+                    metrics["preemption"] = "drain" if notice == watch.DRAIN else "sigterm"
+                checkpoint(metrics, final)
+            elif metrics:
+                publish(metrics)
+            if notice == watch.SIGTERM and not final:
+                raise PreemptedError(f"SIGTERM: checkpoint written at step {state.step}; "
+                                     "stopping so that Ray Train restarts from it")
+            if final:
                 break
         if state.step < plan.total_steps:
             state.epoch += 1
-            state.micro_batches_in_epoch = 0
+            state.sample_cursor = 0
     if last_checkpoint_step != state.step:  # resumed at the very end: still hand back a result
-        publish({"step": state.step, "final": True, "start_step": start_step,
-                 "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds},
-                ckpt.save(engine, state, rank))
+        checkpoint({}, final=True)
+
+
+def _restore(engine, rank: int, world: int) -> tuple[ckpt.LoopState, bool, list[str]]:
+    """(state, resumed, warnings): the newest intact checkpoint's state, or a fresh one."""
+    latest = ray.train.get_checkpoint()
+    if not latest:
+        return ckpt.LoopState(), False, []
+    with ckpt.newest_intact(latest) as (folder, warnings):
+        if folder is None:
+            warnings.append("no intact checkpoint is left: training starts from step 0")
+            return ckpt.LoopState(), False, warnings
+        state = ckpt.load(folder, engine, rank)
+    state.restarts += 1
+    state.resumes.append({"step": state.step, "world_size": world, "time": time.time()})
+    return state, True, warnings
+
+
+def _eval_metrics(loss: float | None) -> dict[str, Any]:
+    return {"eval_loss": loss, "eval_perplexity": _ppl(loss)}
 
 
 def _scheduler(optimizer, schedule: str, plan: StepPlan):

@@ -21,14 +21,15 @@ class StepPlan:
         return asdict(self)
 
 
-def plan_steps(cfg: Config, train_records: int, eval_records: int, world_size: int) -> StepPlan:
+def plan_steps(cfg: Config, train_sequences: int, eval_records: int, world_size: int) -> StepPlan:
+    """`train_sequences`: packed sequences (or records when packing is off) per epoch."""
     t = cfg.train
-    per_worker = train_records // world_size  # the equal split drops the remainder
+    per_worker = train_sequences // world_size  # the equal split drops the remainder
     micro = math.ceil(per_worker / t.batch_size_per_worker)
     steps_per_epoch = micro // t.grad_accum_steps
     if steps_per_epoch == 0:
         raise UserError(
-            f"Too little training data: {train_records} train records over {world_size} workers "
+            f"Too little training data: {train_sequences} train sequences over {world_size} workers "
             f"give no full step of batch_size_per_worker={t.batch_size_per_worker} x "
             f"grad_accum_steps={t.grad_accum_steps}. Add data or lower those settings."
         )

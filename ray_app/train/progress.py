@@ -1,7 +1,10 @@
-"""Live progress on the driver's console.
+"""Live progress on the driver's console, and the record of restarts.
 
 Rank 0 pushes its reported metrics to a small actor; the driver polls it and renders a
 rich progress bar (on a terminal) or one log line per report (in `ray job submit` logs).
+Ray Train's controller tells the same actor about every worker-group failure
+(`FailureRecorder`), so each restart is shown as it happens and recorded with its cause,
+the step it resumed from and how long recovery took.
 """
 
 from __future__ import annotations
@@ -11,21 +14,84 @@ import time
 from typing import Any
 
 import ray
+from ray.train import UserCallback
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typing_extensions import Self
 
+# Reported metric -> Ray metric (shown in the dashboard's metrics view; Prometheus adds the
+# "ray_" prefix: ray_ray_app_train_loss, ...).
+RAY_METRICS = {"loss": "ray_app_train_loss", "eval_loss": "ray_app_eval_loss",
+               "tokens_per_s": "ray_app_tokens_per_s", "mfu": "ray_app_mfu",
+               "peak_gib": "ray_app_gpu_mem_gib", "step": "ray_app_step",
+               "restarts": "ray_app_restarts"}
+
 
 @ray.remote(num_cpus=0)
 class ProgressHub:
-    def __init__(self) -> None:
+    def __init__(self, run_name: str = "") -> None:
+        from ray.util.metrics import Gauge
+
         self.history: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.tags = {"run": run_name}
+        self.gauges = {key: Gauge(name, description=f"ray_app training metric {key!r}",
+                                  tag_keys=("run",)) for key, name in RAY_METRICS.items()}
 
     def update(self, metrics: dict[str, Any]) -> None:
         self.history.append({**metrics, "time": time.time()})
+        for key, gauge in self.gauges.items():
+            if isinstance(metrics.get(key), (int, float)):
+                gauge.set(float(metrics[key]), tags=self.tags)
+
+    def failure(self, cause: str) -> None:
+        event = {"event": "failure", "cause": cause, "time": time.time()}
+        self.failures.append(event)
+        self.history.append(event)
 
     def since(self, index: int) -> list[dict[str, Any]]:
         return self.history[index:]
+
+    def restarts(self) -> list[dict[str, Any]]:
+        """One entry per resume: its cause (the failures seen before it), the step it
+        resumed from, the workers it resumed with and the recovery time."""
+        out, pending = [], []
+        for event in self.history:
+            if event.get("event") == "failure":
+                pending.append(event)
+            elif event.get("resumed"):
+                first = pending[0] if pending else None
+                out.append({
+                    "cause": "; ".join(dict.fromkeys(e["cause"] for e in pending))
+                    or "driver restarted: the run was resumed from storage",
+                    "resumed_from_step": event.get("step"),
+                    "world_size": event.get("world_size"),
+                    "recovery_s": round(event["time"] - first["time"], 1) if first else None,
+                    "warnings": event.get("warnings") or [],
+                })
+                pending = []
+        return out
+
+
+class FailureRecorder(UserCallback):
+    """Runs in Ray Train's controller: forwards every worker-group failure to the hub."""
+
+    def __init__(self, hub):
+        self.hub = hub
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        ranks: dict[str, list[int]] = {}
+        for rank, err in sorted(worker_exceptions.items()):
+            ranks.setdefault(f"{type(err).__name__}: {_first_line(err)}", []).append(rank)
+        parts = [f"rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}: {message}"
+                 for message, r in ranks.items()]
+        self.hub.failure.remote("; ".join(parts)[:1000])
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    # Ray wraps worker errors; the last line names the original exception.
+    return (lines[-1] if lines else "").strip()[:300]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -77,9 +143,19 @@ class ProgressDisplay:
             self._show(metrics)
 
     def _show(self, metrics: dict[str, Any]) -> None:
+        if metrics.get("event") == "failure":
+            self.console.print(f"[red]Worker failure[/red] ({metrics['cause']}); Ray Train "
+                               "restarts the workers from the last checkpoint.")
+            return
+        for warning in metrics.get("warnings") or []:
+            self.console.print(f"[yellow]Warning:[/yellow] {warning}")
         if metrics.get("resumed"):
-            self.console.print(f"Resumed from checkpoint at step {metrics['step']} "
+            self.console.print(f"Resumed from checkpoint at step {metrics['step']} on "
+                               f"{metrics.get('world_size')} worker(s) "
                                f"(restart {metrics.get('restarts', 0)}).")
+        if metrics.get("preemption"):
+            self.console.print(f"Preemption notice ({metrics['preemption']}): checkpoint "
+                               f"written at step {metrics.get('step')}.")
         self.latest.update({k: v for k, v in metrics.items() if v is not None})
         m = self.latest
         info = (f"loss {_fmt(m.get('loss'), '.4f')}  eval {_fmt(m.get('eval_loss'), '.4f')}  "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,17 @@ from ray_app.data.report import render_report
 from ray_app.data.tokenize import load_tokenizer
 from ray_app.errors import UserError
 from ray_app.summary import write_summary
-from ray_app.train.faults import fail_at_step
+from ray_app.train.faults import injected_faults
+from ray_app.train.identity import check_run_identity
 from ray_app.train.loop import train_loop_per_worker
 from ray_app.train.plan import plan_steps
-from ray_app.train.progress import ProgressDisplay, ProgressHub
+from ray_app.train.preemption import PreemptibleTorchConfig
+from ray_app.train.progress import FailureRecorder, ProgressDisplay, ProgressHub
+from ray_app.train.trace import trace_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+# How often an elastic run checks whether more workers fit (Ray's default is 60 s).
+ELASTIC_RESIZE_CHECK_S = float(os.environ.get("RAY_APP_ELASTIC_RESIZE_CHECK_S", "30"))
 
 
 def check_tokenizer(cfg: Config):
@@ -67,16 +73,23 @@ def run_training(cfg: Config, console: Console) -> dict[str, Any]:
     output = cfg.output_path()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = check_tokenizer(cfg)
+    if check_run_identity(cfg):
+        console.print(f"Run {cfg.run.name!r} exists in {cfg.storage_uri()}: resuming it.")
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
         data = prepare(cfg, cfg.storage_uri(), output / "rejects")
     cfg = materialise_builtin(cfg, tokenizer, output)
     render_report(data.report, console, cached=data.cached, rejects_dir=output / "rejects")
     world = cfg.scaling.num_workers
-    plan = plan_steps(cfg, data.report.train_records, data.report.eval_records, world)
+    if cfg.run.record_samples:
+        trace_folder(cfg.storage_uri(), cfg.run.name)  # refuses object storage up front
+    plan = plan_steps(cfg, data.report.train_sequences, data.report.eval_records, world)
+    if cfg.train.keep_best_by == "eval_loss" and not plan.has_eval:
+        raise UserError("train.keep_best_by=eval_loss needs eval data: set data.eval or "
+                        "data.eval_fraction, or use keep_best_by=latest.")
     console.print(f"Training {plan.total_steps} steps on {world} "
                   f"{'GPU' if cfg.scaling.use_gpu else 'CPU'} worker(s); "
                   f"checkpoints in {cfg.storage_uri()}/{cfg.run.name}")
-    hub = ProgressHub.remote()
+    hub = ProgressHub.remote(cfg.run.name)
     trainer = build_trainer(cfg, data, plan.to_dict(), hub)
     with ProgressDisplay(hub, plan.total_steps, console):
         try:
@@ -84,6 +97,7 @@ def run_training(cfg: Config, console: Console) -> dict[str, Any]:
         except ray.train.TrainingFailedError as err:
             result = FailedResult(err)
     summary = finish(cfg, data, result, output)
+    summary["train"]["restart_history"] = ray.get(hub.restarts.remote())
     write_summary(output / "run_summary.json", summary)
     return summary
 
@@ -99,21 +113,31 @@ class FailedResult:
 
 
 def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub) -> TorchTrainer:
-    datasets = {"train": data.split("train").randomize_block_order(seed=cfg.train.seed)}
-    if plan["has_eval"]:
-        datasets["eval"] = data.split("eval")
+    # Train sequences are read by the workers themselves in a fixed order (exact resume);
+    # eval records go through Ray Data's split.
+    datasets = {"eval": data.split("eval")} if plan["has_eval"] else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "progress": hub,
-                           "fail_at_step": fail_at_step()},
+                           "train_stream": data.train_stream(), "storage": cfg.storage_uri(),
+                           "faults": injected_faults()},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            num_workers=cfg.scaling.worker_counts(), use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.worker_resources(),
+            **({"elastic_resize_monitor_interval_s": ELASTIC_RESIZE_CHECK_S}
+               if cfg.scaling.min_workers else {}),
         ),
+        torch_config=PreemptibleTorchConfig(preemption_grace_s=cfg.run.preemption_grace_s),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.storage_uri(),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.run.max_failures,
+                max_preemption_failures=cfg.run.max_preemptions),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                **({"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"}
+                   if cfg.train.keep_best_by == "eval_loss" else {})),
+            callbacks=[FailureRecorder(hub)],
         ),
         datasets=datasets,
     )
