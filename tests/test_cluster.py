@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -49,7 +50,9 @@ class LocalCluster:
 
     def __init__(self, root: Path):
         self.root = root
+        # Token authentication on, as on a real cluster: every CLI call carries the token.
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(root / "home"),
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         (root / "home").mkdir(parents=True, exist_ok=True)
@@ -57,10 +60,12 @@ class LocalCluster:
         self.nodes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: list[int] = []
         self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start_head(self) -> None:
         self.start_node("head", "--head", f"--port={self.gcs_port}", "--num-cpus=1",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                         f"--ray-client-server-port={self.client_port}")
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
 
     def start_node(self, name: str, *args: str) -> None:
         node, obj, agent, metrics, lo = _free_ports(5)
@@ -74,7 +79,11 @@ class LocalCluster:
             cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log)
-        self.wait_for(lambda: self.alive_nodes() >= len(self.nodes), 90, f"node {name} up")
+        try:
+            self.wait_for(lambda: self.alive_nodes() >= len(self.nodes), 180, f"node {name} up")
+        except AssertionError as err:
+            tail = (self.root / f"{name}.log").read_text()[-3000:]
+            raise AssertionError(f"{err}; its log ends:\n{tail}") from None
 
     def add_worker(self, name: str) -> None:
         self.start_node(name, "--num-cpus=1", '--resources={"trainer": 1}')
@@ -151,6 +160,7 @@ def cluster(tmp_path_factory):
     root.mkdir(exist_ok=True)
     c = LocalCluster(root)
     try:
+        c.start_head()
         c.add_worker("a")
         c.add_worker("b")
         yield c
