@@ -1,4 +1,5 @@
-"""Ray Train end to end: a 2-worker run writes a loadable adapter; a rerun resumes."""
+"""Ray Train end to end: a 2-worker run writes a loadable adapter and its summary
+(recovery and reruns: test_recovery.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from rich.console import Console
 from support import tiny_config
 
 from ray_app.config import validate_config
-from ray_app.train.faults import FAIL_AT_STEP_ENV
 from ray_app.train.run import run_training
 
 pytestmark = pytest.mark.ray
@@ -45,17 +45,3 @@ def test_two_workers_write_a_loadable_adapter_and_summary(ray_cluster, small_dat
     ids = tokenizer("What is 1 + 2?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(ids).logits.shape[-1] == len(tokenizer)
-
-
-def test_rerun_after_a_crash_resumes_from_the_last_checkpoint(
-        ray_cluster, small_data, tmp_path, monkeypatch):
-    cfg = tiny_config(small_data, tmp_path, run={"name": "crashy"})
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")  # after the checkpoint at step 2
-    crashed = _train(cfg)
-    assert crashed["status"] == "failed" and "injected failure at step 3" in crashed["error"]
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
-    resumed = _train(cfg)
-    assert resumed["status"] == "succeeded", resumed.get("error")
-    assert resumed["train"]["resumed_from_step"] == 2
-    assert resumed["train"]["steps"] == 4 and resumed["train"]["restarts"] == 1
-    assert resumed["eval"]["loss_initial"] is not None
