@@ -7,30 +7,41 @@ One invocation, one GPU, in this order for every model shape asked for:
    q,k,v,o, gradient checkpointing, AdamW, autocast bf16, random token ids; warm-up steps,
    then timed steps between `torch.cuda.synchronize()` calls; peak from
    `torch.cuda.max_memory_allocated`.
-3. ray_app: the same random weights saved with `save_pretrained`, a JSONL file of `{"text"}`
-   records that are all longer than `data.max_seq_len` (so every training sequence is
-   exactly max_seq_len tokens: "fixed" data), trained by `ray_app.train.run.run_training`
-   through Ray Data and Ray Train on one GPU worker. Throughput is wall-clock: real
-   (non-pad) tokens between the rank-0 progress reports after warm-up, divided by the time
-   between those reports (data loading, reporting and everything else in the loop
-   included). The worker's `torch.cuda.max_memory_allocated` is read by wrapping the
-   per-worker loop function.
-   The trainer switches the model to training mode only at the end of an evaluation
-   (`from_pretrained` returns it in eval mode), so a run without eval data trains in eval
-   mode: no LoRA dropout, no activation checkpointing, and Liger's fused linear
-   cross-entropy falls back to full logits. The variants therefore get a small eval file
-   (8 records, evaluated before the first step and after the last, outside the timed
-   window); a `noeval` variant measures the run without one.
+3. ray_app: the same random weights saved with `save_pretrained` and a JSONL file of
+   `{"text"}` records, trained by `ray_app.train.run.run_training` through Ray Data and Ray
+   Train on one GPU worker. Throughput is wall-clock: real (non-pad) tokens between the
+   rank-0 progress reports after warm-up (the loop's `tokens_seen`, summed from each
+   batch's `num_real_tokens`), divided by the time between those reports (data loading,
+   reporting and everything else in the loop included). The worker's
+   `torch.cuda.max_memory_allocated` is read by wrapping the per-worker loop function.
+   The variants get a small eval file (8 records, evaluated before the first step and
+   after the last, outside the timed window); `noeval` leaves it out. Evaluation computes
+   full logits (Liger's fused linear cross-entropy is for training only), so its peak is
+   kept apart: `train_peak_gib` leaves the eval passes out, `peak_gib` is the whole worker.
+
+Data (`--data`, one or both):
+- fixed: every sequence is exactly `--seq` tokens. Common recipe: random ids [batch, seq];
+  ray_app: records all longer than `data.max_seq_len`, truncated to it.
+- variable: record lengths drawn from a seeded log-normal (median `--len-median`, sigma
+  `--len-sigma`), capped at `--seq`, at least 16. Common recipe: every record padded to
+  `--seq` (`padding="max_length"`, as the popular guides do), attention mask on the real
+  tokens, labels -100 on pad. ray_app: records with lengths from the same distribution
+  (random-word text cut to the token count, EOS included, with the bundled tokenizer),
+  packed by `data.packing` into `--seq`-token sequences. Both count real tokens only.
 
 MFU counts useful work only, per token:
     4 * N_matmul                      frozen base linears incl. lm_head: forward 2N + input-grad 2N
   + 3 * (2 * layers * seq * hidden)   causal attention scores and values, forward + backward
   + 3 * (2 * N_lora)                  LoRA forward + input-grad + weight-grad
   MFU = tokens_per_s * flops_per_token / (matmul_tflops * 1e12)
-Recomputation (activation checkpointing) is not counted.
+Recomputation (activation checkpointing) is not counted. On variable data a token attends
+within its own record only, so `seq` is the token-weighted record length sum(L^2) / sum(L);
+attention over pad or across packed records is not useful work.
 
 Run on a GPU machine (Ray, Liger and bitsandbytes importable):
     python bench/gpu_throughput.py --models 1b --out bench/results
+    python bench/gpu_throughput.py --models 8b --data variable \\
+        --ray-variants liger:4,qlora:1,qlora+paged8bit:1
 Results are appended to <out>/gpu_throughput.json after every measurement; `--table`
 rebuilds <out>/gpu_throughput.md from that file.
 """
@@ -42,9 +53,11 @@ import datetime as dt
 import gc
 import json
 import logging
-import os
+import math
 import random
 import shlex
+import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -64,6 +77,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
+LEN_MIN = 16  # shortest variable-data record: a few tokens of text still train something
 
 
 # --------------------------------------------------------------------------- flops
@@ -97,6 +111,48 @@ def matmul_tflops(n: int = 8192, reps: int = 50) -> float:
     return 2 * n**3 / times[len(times) // 2] / 1e12
 
 
+# --------------------------------------------------------------------------- data
+
+
+def sample_lengths(n: int, median: float, sigma: float, cap: int, seed: int = 0) -> list[int]:
+    """`n` record lengths, log-normal around `median`, clipped to [LEN_MIN, cap], shuffled.
+    One draw from each of the n quantile strata, so that the mean of even the few dozen
+    records of a common-recipe run is that of the distribution (real tokens/s of padded
+    batches is proportional to it)."""
+    rng = random.Random(seed)
+    normal = statistics.NormalDist(math.log(median), sigma)
+    out = []
+    for i in range(n):
+        q = min(max((i + rng.random()) / n, 1e-12), 1 - 1e-12)
+        out.append(min(cap, max(LEN_MIN, round(math.exp(normal.inv_cdf(q))))))
+    rng.shuffle(out)
+    return out
+
+
+def lengths_for(tokens: int, median: float, sigma: float, cap: int, seed: int = 0) -> list[int]:
+    """Record lengths adding up to about `tokens`."""
+    mean = sum(sample_lengths(10_000, median, sigma, cap, seed)) / 10_000
+    return sample_lengths(math.ceil(tokens / mean), median, sigma, cap, seed)
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    """Mean record length, and the token-weighted one that attention work scales with."""
+    return {"mean_real_len": round(sum(lengths) / len(lengths), 1),
+            "attn_len": round(sum(n * n for n in lengths) / sum(lengths), 1)}
+
+
+def padded_batch(lengths: list[int], seq: int, vocab: int, pad_id: int, generator,
+                 device: str = "cpu"):
+    """(input_ids, attention_mask, labels) of shape [len(lengths), seq]: random real tokens
+    first, `pad_id` after, as `padding="max_length"` gives; labels -100 on pad."""
+    import torch
+
+    ids = torch.randint(3, vocab, (len(lengths), seq), device=device, generator=generator)
+    real = (torch.arange(seq, device=device)[None, :]
+            < torch.tensor(lengths, device=device)[:, None])
+    return ids.masked_fill(~real, pad_id), real.long(), ids.masked_fill(~real, -100)
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -113,8 +169,11 @@ def build_model(key: str):
                                                 attn_implementation="sdpa")
 
 
-def common_recipe(model, batch: int, seq: int, warmup: int, steps: int) -> dict[str, Any]:
-    """The usual LoRA loop: PEFT, gradient checkpointing, autocast bf16, AdamW."""
+def common_recipe(model, batch: int, seq: int, warmup: int, steps: int,
+                  lengths: list[int] | None = None) -> dict[str, Any]:
+    """The usual LoRA loop: PEFT, gradient checkpointing, autocast bf16, AdamW. With
+    `lengths` (variable data), batch i holds records lengths[i*batch:(i+1)*batch], each
+    padded to `seq`."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -127,34 +186,44 @@ def common_recipe(model, batch: int, seq: int, warmup: int, steps: int) -> dict[
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
-    vocab = model.config.vocab_size
+    vocab, pad_id = model.config.vocab_size, model.config.pad_token_id
     gen = torch.Generator(device="cuda").manual_seed(1)
 
-    def step() -> None:
-        ids = torch.randint(3, vocab, (batch, seq), device="cuda", generator=gen)
+    def step(i: int) -> None:
+        if lengths is None:
+            ids = torch.randint(3, vocab, (batch, seq), device="cuda", generator=gen)
+            inputs = {"input_ids": ids, "labels": ids}
+        else:
+            ids, mask, labels = padded_batch(lengths[i * batch:(i + 1) * batch], seq, vocab,
+                                             pad_id, gen, device="cuda")
+            inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = peft_model(input_ids=ids, labels=ids).loss
+            loss = peft_model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
+    for i in range(warmup):
+        step(i)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for i in range(warmup, warmup + steps):
+        step(i)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"tokens_per_s": batch * seq * steps / seconds, "peak_gib": peak,
-            "timed_steps": steps, "seconds": seconds}
+    out = {"timed_steps": steps, "seconds": seconds, "peak_gib": peak}
+    if lengths is None:
+        return {**out, "tokens_per_s": batch * seq * steps / seconds}
+    timed = lengths[warmup * batch:(warmup + steps) * batch]
+    return {**out, "tokens_per_s": sum(timed) / seconds,
+            "padded_tokens_per_s": batch * seq * steps / seconds, **length_stats(timed)}
 
 
-def common_recipe_qlora(folder: str, batch: int, seq: int, warmup: int,
-                        steps: int) -> dict[str, Any]:
+def common_recipe_qlora(folder: str, batch: int, seq: int, warmup: int, steps: int,
+                        lengths: list[int] | None = None) -> dict[str, Any]:
     """The same loop on a 4-bit NF4 (double quantization) base loaded from `folder`."""
     import torch
     from peft import prepare_model_for_kbit_training
@@ -169,7 +238,7 @@ def common_recipe_qlora(folder: str, batch: int, seq: int, warmup: int,
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False})
-    out = common_recipe(model, batch, seq, warmup, steps)
+    out = common_recipe(model, batch, seq, warmup, steps, lengths)
     del model
     return out
 
@@ -177,43 +246,105 @@ def common_recipe_qlora(folder: str, batch: int, seq: int, warmup: int,
 # --------------------------------------------------------------------------- ray_app
 
 
+def random_words(rng: random.Random, chars: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words, n = [], 0
+    while n < chars:
+        w = "".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
+        words.append(w)
+        n += len(w) + 1
+    return " ".join(words)
+
+
 def write_fixed_jsonl(path: Path, records: int, chars: int, seed: int = 0) -> None:
     """Unique random-word texts, each far longer than max_seq_len tokens (about 1.2
     characters per token with the bundled 1,024-token tokenizer)."""
     rng = random.Random(seed)
-    letters = "abcdefghijklmnopqrstuvwxyz"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for _ in range(records):
-            words, n = [], 0
-            while n < chars:
-                w = "".join(rng.choice(letters) for _ in range(rng.randint(2, 9)))
-                words.append(w)
-                n += len(w) + 1
-            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+            f.write(json.dumps({"text": random_words(rng, chars)}) + "\n")
+
+
+def write_variable_jsonl(path: Path, lengths: list[int], seed: int = 0) -> list[int]:
+    """One random-word text per length, cut so that ray_app's tokenization of the record
+    (text + EOS, bundled tokenizer) has that many tokens; returns the counts it has."""
+    from ray_app.data.formats import Turn
+    from ray_app.data.tokenize import load_tokenizer, segments
+
+    tokenizer = load_tokenizer(str(TOKENIZER))
+
+    def counts(texts: list[str]) -> list[int]:
+        # As ray_app's tokenize stage: the record's pieces, encoded together.
+        views = [segments([Turn("text", text, True)], tokenizer) for text in texts]
+        encoded = iter(tokenizer([piece for view in views for piece, _ in view],
+                                 add_special_tokens=False)["input_ids"])
+        return [sum(len(next(encoded)) for _ in view) for view in views]
+
+    extra = counts([""])[0]  # BOS / EOS the record gets around its text
+    rng = random.Random(seed)
+    words = [random_words(rng, int((n - extra) * 1.5) + 16) for n in lengths]  # ~1.2 chars/token
+    ends = [[end for _, end in offsets] for offsets in tokenizer(
+        words, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    cut = [n - extra for n in lengths]
+    texts = [w[:e[min(k, len(e)) - 1]] for w, e, k in zip(words, ends, cut)]
+    got = counts(texts)
+    for i, target in enumerate(lengths):
+        # A cut inside a word can merge differently: step the cut until the count fits.
+        for _ in range(8):
+            if got[i] == target or not 0 < cut[i] + target - got[i] <= len(ends[i]):
+                break
+            cut[i] += target - got[i]
+            texts[i] = words[i][:ends[i][cut[i] - 1]]
+            got[i] = counts([texts[i]])[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+    return got
 
 
 def _peak_wrapper(peak_file: str):
     def loop_with_peak(loop_config):
         import torch
 
-        from ray_app.train.loop import train_loop_per_worker
+        import ray_app.train.loop as loop_mod
 
         gpu = torch.cuda.is_available()
+        peaks = {"train": 0, "eval": 0, "reserved": 0}
+
+        def take(into: str) -> None:
+            peaks[into] = max(peaks[into], torch.cuda.max_memory_allocated())
+            peaks["reserved"] = max(peaks["reserved"], torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
+
+        eval_loss = loop_mod._eval_loss
+
+        def eval_apart(*args, **kwargs):
+            # Eval materialises full logits: its peak would hide the training peak.
+            take("train")
+            try:
+                return eval_loss(*args, **kwargs)
+            finally:
+                take("eval")
+
         if gpu:
             torch.cuda.reset_peak_memory_stats()
+            loop_mod._eval_loss = eval_apart
         error = None
         try:
-            train_loop_per_worker(loop_config)
+            loop_mod.train_loop_per_worker(loop_config)
         except BaseException as err:
             error = f"{type(err).__name__}: {str(err)[:1000]}"
             raise
         finally:
+            loop_mod._eval_loss = eval_loss
             if gpu:
+                take("train")
                 Path(peak_file).write_text(json.dumps({
-                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                    "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-                    "error": error}))
+                    "peak_gib": max(peaks["train"], peaks["eval"]) / 2**30,
+                    "train_peak_gib": peaks["train"] / 2**30,
+                    "eval_peak_gib": peaks["eval"] / 2**30,
+                    "reserved_gib": peaks["reserved"] / 2**30, "error": error}))
 
     return loop_with_peak
 
@@ -222,6 +353,7 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                 work: Path, *, batch: int,
                 seq: int, steps: int, warmup_steps: int, log_every: int, compile_: bool,
                 liger: str, quantization: str, checkpointing: str | int,
+                optimizer: str = "auto", attn: str = "sdpa",
                 use_gpu: bool = True) -> dict[str, Any]:
     import ray
     import ray.data
@@ -238,17 +370,17 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
         ray.data.DataContext.get_current().enable_progress_bars = False
     raw = {
         "model": {"name_or_path": model_dir, "tokenizer": str(TOKENIZER), "dtype": "bfloat16",
-                  "attn_implementation": "sdpa", "quantization": quantization,
+                  "attn_implementation": attn, "quantization": quantization,
                   "liger": liger, "compile": compile_},
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT,
                  "target_modules": LORA_TARGETS},
         "data": {"train": [str(data_file)], "eval": [str(eval_file)] if eval_file else [],
                  "eval_fraction": 0.0, "format": "text",
-                 "max_seq_len": seq, "truncation": "right"},
+                 "max_seq_len": seq, "truncation": "right", "packing": True},
         "train": {"max_steps": steps, "batch_size_per_worker": batch, "grad_accum_steps": 1,
                   "log_every": log_every, "eval_every": 0, "checkpoint_every": 10_000,
-                  "activation_checkpointing": checkpointing, "warmup_ratio": 0.0,
-                  "schedule": "constant"},
+                  "activation_checkpointing": checkpointing, "optimizer": optimizer,
+                  "warmup_ratio": 0.0, "schedule": "constant"},
         "scaling": {"num_workers": 1, "use_gpu": use_gpu, "strategy": "ddp",
                     "resources_per_worker": {"CPU": 4, "GPU": 1} if use_gpu else {"CPU": 1}},
         "run": {"name": name, "storage_path": str(work / "storage"),
@@ -291,10 +423,12 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
         "tokens_per_s_loop": sum(m["tokens_per_s"] for m in window[1:]) / len(window[1:]),
         "tokens_per_step": tokens / steps_timed,
         "timed_steps": steps_timed, "seconds": seconds,
-        "peak_gib": peak.get("peak_gib"), "reserved_gib": peak.get("reserved_gib"),
+        "peak_gib": peak.get("peak_gib"), "train_peak_gib": peak.get("train_peak_gib"),
+        "eval_peak_gib": peak.get("eval_peak_gib"), "reserved_gib": peak.get("reserved_gib"),
         "run_wall_s": wall, "summary_tokens_per_s": summary["train"]["tokens_per_s"],
         "data_sequences": summary["data"].get("train_sequences")
         or summary["data"].get("train_records"),
+        "packing_efficiency": summary["data"].get("packing_efficiency"),
     }
 
 
@@ -313,13 +447,38 @@ class Results:
         self.rows.append(row)
         self.file.write_text(json.dumps(self.rows, indent=2) + "\n")
         write_table(self.rows, self.file.with_suffix(".md"))
-        keys = ("model", "variant", "method", "batch", "tokens_per_s", "mfu", "peak_gib")
+        keys = ("model", "data", "variant", "method", "batch", "tokens_per_s", "mfu",
+                "peak_gib", "train_peak_gib")
         print("RESULT", json.dumps({k: row.get(k) for k in keys}), flush=True)
+
+
+def _ratio_baselines(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """The latest common-recipe row per (model, data, method)."""
+    return {(r["model"], r.get("data", "fixed"), r["method"]): r
+            for r in rows if r["variant"] == "common_recipe"}
+
+
+def _data_cell(r: dict[str, Any]) -> str:
+    if r.get("data", "fixed") == "fixed":
+        return "fixed"
+    return f"variable, mean {r['mean_real_len']:.0f}"
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     def num(v, spec):
         return "-" if v is None else format(v, spec)
+
+    common = _ratio_baselines(rows)
+
+    def vs_common(r):
+        base = common.get((r["model"], r.get("data", "fixed"), r["method"]))
+        if r["variant"] == "common_recipe" or base is None:
+            return None
+        return r["tokens_per_s"] / base["tokens_per_s"]
+
+    def train_peak(r):
+        # The common recipe has no eval pass: its peak is the training peak.
+        return r["peak_gib"] if r["variant"] == "common_recipe" else r.get("train_peak_gib")
 
     lines = [
         "# GPU training throughput",
@@ -327,31 +486,102 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
         ("Tokens/s are real (non-pad) training tokens per second after warm-up, one GPU, "
          "sequence length 2048, LoRA r=16 alpha=32 on q,k,v,o, bf16. MFU = tokens/s x useful "
          "flops per token / measured bf16 matmul rate (see `bench/gpu_throughput.py`; "
-         "recomputation not counted), with the matmul rate measured in the same run. Peak is "
-         "`torch.cuda.max_memory_allocated` of the training process. ray_app runs get an "
-         "8-record eval file; 'no eval data' is the same run without it, where the trainer "
-         "stays in eval mode (no dropout, no activation checkpointing, Liger's fused "
-         "linear cross-entropy falls back to full logits; see the script's docstring)."),
+         "recomputation not counted), with the matmul rate measured in the same run. "
+         "'x common' is tokens/s over that of the common recipe with the same model, data "
+         "and method. Peak is `torch.cuda.max_memory_allocated` of the training process; "
+         "'train peak' leaves out ray_app's eval passes, which compute full logits (not "
+         "measured in older rows). ray_app runs get an 8-record eval file; 'no eval data' "
+         "is the same run without it, where the trainer then stayed in eval mode (no "
+         "dropout, no activation checkpointing, Liger's fused linear cross-entropy fell back "
+         "to full logits). That row documents the defect; the loop now switches to train "
+         "mode before the first step, whether or not there is eval data."),
+    ]
+    variable = sorted({(r["len_median"], r["len_sigma"], r["len_cap"])
+                       for r in rows if r.get("data") == "variable"})
+    for median, sigma, cap in variable:
+        lines += ["", (f"Variable data: record lengths log-normal with median {median:g} and "
+                       f"sigma {sigma:g}, capped at {cap} tokens (at least {LEN_MIN}); 'mean' is "
+                       "the mean real record length of the run. The common recipe pads every "
+                       f"record to {cap} (`padding=\"max_length\"`); ray_app packs records "
+                       f"into {cap}-token sequences (`data.packing`).")]
+    lines += [
         "",
-        ("| model | variant | method | settings | device | batch | tokens/s | MFU | peak GiB "
-         "| matmul TFLOP/s |"),
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        ("| model | data | variant | method | settings | device | batch | tokens/s | x common "
+         "| MFU | peak GiB | train peak GiB | matmul TFLOP/s |"),
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['method']} | {r.get('settings', '')} "
-            f"| {r['device']} | {r['batch']} | {num(r['tokens_per_s'], ',.0f')} "
+            f"| {r['model']} | {_data_cell(r)} | {r['variant']} | {r['method']} "
+            f"| {r.get('settings', '')} | {r['device']} | {r['batch']} "
+            f"| {num(r['tokens_per_s'], ',.0f')} | {num(vs_common(r), '.2f')} "
             f"| {num(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f')}% "
-            f"| {num(r['peak_gib'], '.1f')} | {num(r['matmul_tflops'], '.0f')} |")
+            f"| {num(r['peak_gib'], '.1f')} | {num(train_peak(r), '.1f')} "
+            f"| {num(r['matmul_tflops'], '.0f')} |")
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["model"], r.get("data", "fixed"), r["method"])
+        if r["variant"] == "ray_app" and key in common and (
+                key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]):
+            best[key] = r
+    if best:
+        lines += ["", "ray_app / common recipe (the fastest ray_app run per model, data, method):",
+                  "", ("| model | data | method | common recipe tokens/s | ray_app tokens/s "
+                       "| ray_app run | ratio |"),
+                  "|---|---|---|---:|---:|---|---:|"]
+        for key, r in best.items():
+            base = common[key]
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]} | {base['tokens_per_s']:,.0f} "
+                f"| {r['tokens_per_s']:,.0f} | batch {r['batch']}, {r.get('settings', '')} "
+                f"| {r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
     commands = sorted({r["command"] for r in rows})
     lines += ["", "Command:" if len(commands) == 1 else "Commands:", ""]
     lines += [f"    {c}" for c in commands]
     path.write_text("\n".join(lines) + "\n")
 
 
+VARIANT_OPTIONS = ("liger", "noliger", "compile", "qlora", "noeval", "ckpt", "nockpt",
+                   "adam8bit", "paged8bit", "fa2")
+OPTIMIZERS = {"adam8bit": "adamw_8bit", "paged8bit": "paged_adamw_8bit"}
+
+
+def variant_settings(opts: str) -> dict[str, Any]:
+    """ray_app settings of a variant's options, e.g. 'qlora+paged8bit'."""
+    given = set(opts.split("+"))
+    unknown = given - set(VARIANT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown variant option(s) {sorted(unknown)} in {opts!r}; "
+                         f"known: {', '.join(VARIANT_OPTIONS)}")
+    qlora = "qlora" in given
+    # QLoRA is run to fit small GPUs: checkpointing on unless asked off.
+    ckpt = "all" if "ckpt" in given or (qlora and "nockpt" not in given) else "none"
+    optimizer = next((OPTIMIZERS[o] for o in OPTIMIZERS if o in given), "auto")
+    return {"qlora": qlora, "compile_": "compile" in given,
+            "liger": "off" if "noliger" in given else "on",
+            "with_eval": "noeval" not in given, "checkpointing": ckpt,
+            "optimizer": optimizer, "attn": "flash_attention_2" if "fa2" in given else "sdpa"}
+
+
+def settings_text(v: dict[str, Any]) -> str:
+    return (f"Ray Train ddp, liger {v['liger']}, compile {str(v['compile_']).lower()}, "
+            f"act. ckpt {v['checkpointing']}" + (", NF4 double quant" if v["qlora"] else "")
+            + ("" if v["optimizer"] == "auto" else f", {v['optimizer']}")
+            + ("" if v["attn"] == "sdpa" else f", {v['attn']}")
+            + ("" if v["with_eval"] else ", no eval data"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="1b", help="comma list of: " + ", ".join(SHAPES))
+    parser.add_argument("--data", default="fixed",
+                        help="comma list of: fixed (every sequence --seq tokens), variable "
+                        "(log-normal record lengths; padded by the common recipe, packed by "
+                        "ray_app)")
+    parser.add_argument("--len-median", type=float, default=300,
+                        help="variable data: median record length in tokens")
+    parser.add_argument("--len-sigma", type=float, default=1.0,
+                        help="variable data: sigma of the log-normal (cap: --seq)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--work", default="/tmp/gpu_throughput")
     parser.add_argument("--seq", type=int, default=2048)
@@ -360,8 +590,8 @@ def main() -> int:
                         help="ray_app batch per model, e.g. 1b:8,8b:4")
     parser.add_argument("--ray-variants", default="liger,liger+compile,qlora",
                         help="comma list of ray_app variants, each options joined by '+' "
-                        "(liger | noliger, compile, qlora, noeval) and an optional ':BATCH', "
-                        "e.g. liger+compile:16,qlora:8")
+                        f"({' | '.join(VARIANT_OPTIONS)}) and an optional ':BATCH', "
+                        "e.g. liger+compile:16,qlora:8,qlora+paged8bit:1")
     parser.add_argument("--common-qlora", action="store_true",
                         help="also time the common recipe on a 4-bit NF4 base")
     parser.add_argument("--ray-steps", type=int, default=40)
@@ -374,6 +604,17 @@ def main() -> int:
         write_table(json.loads((out / "gpu_throughput.json").read_text()),
                     out / "gpu_throughput.md")
         return 0
+    kinds = args.data.split(",")
+    if set(kinds) - {"fixed", "variable"}:
+        parser.error(f"--data: fixed and/or variable, got {args.data!r}")
+    ray_batch = dict(item.split(":") for item in args.ray_batch.split(","))
+    variants = []
+    for spec in args.ray_variants.split(","):
+        opts, _, batch_text = spec.partition(":")
+        try:
+            variants.append((spec, opts, batch_text, variant_settings(opts)))
+        except ValueError as err:
+            parser.error(f"--ray-variants: {err}")
 
     import torch
 
@@ -384,96 +625,133 @@ def main() -> int:
     tflops = matmul_tflops()
     print(f"bf16 matmul 8192^3: {tflops:.1f} TFLOP/s on {device}", flush=True)
     work = Path(args.work)
-    data_file, eval_file = work / "fixed.jsonl", work / "fixed_eval.jsonl"
-    ray_batch = dict(item.split(":") for item in args.ray_batch.split(","))
     failures = []
+    files: dict[str, tuple[Path, Path, dict[str, Any]]] = {}
+
+    def data_files(kind: str) -> tuple[Path, Path, dict[str, Any]]:
+        """(train file, eval file, fields for the result rows) of a data kind, written once."""
+        if kind in files:
+            return files[kind]
+        train, evals = work / f"{kind}.jsonl", work / f"{kind}_eval.jsonl"
+        if kind == "fixed":
+            if not train.exists():
+                chars = int(args.seq * 1.6) + 400
+                write_fixed_jsonl(train, records=1000, chars=chars)
+                write_fixed_jsonl(evals, records=8, chars=chars, seed=1)
+            files[kind] = train, evals, {}
+            return files[kind]
+        # Enough records for the longest run at the largest batch without a second epoch.
+        batches = [int(b or ray_batch[k]) for k in args.models.split(",")
+                   for _, _, b, _ in variants]
+        need = int(1.3 * max(batches) * max(args.ray_steps, 30) * args.seq)
+        dist_args = (args.len_median, args.len_sigma, args.seq)
+        lengths = write_variable_jsonl(train, lengths_for(need, *dist_args, seed=0), seed=0)
+        write_variable_jsonl(evals, sample_lengths(8, *dist_args, seed=1), seed=1)
+        files[kind] = train, evals, {"len_median": args.len_median, "len_sigma": args.len_sigma,
+                                     "len_cap": args.seq, **length_stats(lengths)}
+        print(f"variable data: {len(lengths)} records, {length_stats(lengths)}", flush=True)
+        return files[kind]
 
     for key in args.models.split(","):
         shape = SHAPES[key]
-        fpt = flops_per_token(shape, args.seq)
-        base = {"model": shape["name"], "gpus": 1, "device": device, "seq_len": args.seq,
-                "data": "fixed", "matmul_tflops": round(tflops, 1),
-                "flops_per_token": fpt}
-
-        def add(variant, method, strategy, batch, settings, m, base=base, fpt=fpt):
-            results.add({**base, "variant": variant, "method": method, "strategy": strategy,
-                         "batch": batch, "settings": settings,
-                         "tokens_per_s": round(m["tokens_per_s"], 1),
-                         "mfu": round(m["tokens_per_s"] * fpt / (tflops * 1e12), 4),
-                         "peak_gib": None if m.get("peak_gib") is None
-                         else round(m["peak_gib"], 2),
-                         **{k: v for k, v in m.items() if k not in ("tokens_per_s", "peak_gib")}})
-
         model_dir = str(work / f"model_{key}")
         model = build_model(key)
         model.save_pretrained(model_dir)
         print(f"{shape['name']}: saved random-init bf16 model to {model_dir} "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        try:
-            m = common_recipe(model, args.common_batch, args.seq, warmup=3,
-                              steps=15 if key == "1b" else 10)
-            add("common_recipe", "lora", "single-gpu", args.common_batch,
-                "HF+PEFT, grad ckpt, autocast bf16, AdamW", m)
-        except Exception as err:  # noqa: BLE001 - keep measuring the rest
-            failures.append(f"common_recipe lora {key}: {err!r}")
-            traceback.print_exc()
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        if args.common_qlora and time.perf_counter() - t0 < args.deadline_s:
+        common_steps = 15 if key == "1b" else 10
+        for kind in kinds:
+            data_file, eval_file, data_fields = data_files(kind)
+            base = {"model": shape["name"], "gpus": 1, "device": device, "seq_len": args.seq,
+                    "data": kind, "matmul_tflops": round(tflops, 1), **data_fields}
+
+            def add(variant, method, strategy, batch, settings, m, base=base, shape=shape):
+                row = {**base, **{k: v for k, v in m.items() if k in ("mean_real_len",
+                                                                        "attn_len")}}
+                # Useful attention work follows the record length, not the padded or packed one.
+                fpt = flops_per_token(shape, row.get("attn_len", args.seq))
+                results.add({**row, "flops_per_token": fpt, "variant": variant,
+                             "method": method, "strategy": strategy, "batch": batch,
+                             "settings": settings, "tokens_per_s": round(m["tokens_per_s"], 1),
+                             "mfu": round(m["tokens_per_s"] * fpt / (tflops * 1e12), 4),
+                             **{k: None if v is None else round(v, 2)
+                                for k, v in m.items() if k.endswith("_gib")},
+                             **{k: v for k, v in m.items() if k not in row
+                                and k != "tokens_per_s" and not k.endswith("_gib")}})
+
+            def common_lengths(steps, warmup, batch=args.common_batch, kind=kind):
+                # Warm-up and timed records drawn apart, so that the timed ones are stratified.
+                if kind == "fixed":
+                    return None
+                dist_args = (args.len_median, args.len_sigma, args.seq)
+                return (sample_lengths(warmup * batch, *dist_args, seed=1)
+                        + sample_lengths(steps * batch, *dist_args, seed=2))
+
+            if model is None:
+                model = build_model(key)
             try:
-                m = common_recipe_qlora(model_dir, args.common_batch, args.seq, warmup=2,
-                                        steps=8)
-                add("common_recipe", "qlora", "single-gpu", args.common_batch,
-                    "HF+PEFT, NF4 double quant, grad ckpt, autocast bf16, AdamW", m)
-            except Exception as err:  # noqa: BLE001
-                failures.append(f"common_recipe qlora {key}: {err!r}")
+                m = common_recipe(model, args.common_batch, args.seq, warmup=3,
+                                  steps=common_steps, lengths=common_lengths(common_steps, 3))
+                add("common_recipe", "lora", "single-gpu", args.common_batch,
+                    "HF+PEFT, grad ckpt, autocast bf16, AdamW"
+                    + (", padded to max_length" if kind == "variable" else ""), m)
+            except Exception as err:  # noqa: BLE001 - keep measuring the rest
+                failures.append(f"common_recipe lora {key} {kind}: {err!r}")
                 traceback.print_exc()
+            model = None  # PEFT wrapped it in place: the next data kind builds it afresh
             gc.collect()
             torch.cuda.empty_cache()
-
-        if not data_file.exists():
-            chars = int(args.seq * 1.6) + 400
-            write_fixed_jsonl(data_file, records=1000, chars=chars)
-            write_fixed_jsonl(eval_file, records=8, chars=chars, seed=1)
-        for spec in args.ray_variants.split(","):
-            if time.perf_counter() - t0 > args.deadline_s:
-                print(f"deadline: skipping ray_app {spec} {key}", flush=True)
-                continue
-            opts, _, batch_text = spec.partition(":")
-            opts_set = set(opts.split("+"))
-            batch = int(batch_text or ray_batch[key])
-            qlora = "qlora" in opts_set
-            compile_ = "compile" in opts_set
-            liger = "off" if "noliger" in opts_set else "on"
-            with_eval = "noeval" not in opts_set
-            ckpt: str | int = "all" if qlora else "none"
-            while True:
-                settings = (f"Ray Train ddp, liger {liger}, compile {str(compile_).lower()}, "
-                            f"act. ckpt {ckpt}" + (", NF4 double quant" if qlora else "")
-                            + ("" if with_eval else ", no eval data"))
-                name = f"{key}-{opts.replace('+', '-')}-b{batch}"
+            if args.common_qlora and time.perf_counter() - t0 < args.deadline_s:
                 try:
-                    m = ray_app_run(
-                        name, model_dir, data_file, eval_file if with_eval else None, work,
-                        batch=batch, seq=args.seq, steps=args.ray_steps if key == "1b" else 30,
-                        warmup_steps=10, log_every=5, compile_=compile_, liger=liger,
-                        quantization="nf4" if qlora else "none", checkpointing=ckpt)
-                    add("ray_app", "qlora" if qlora else "lora", "ddp", batch, settings, m)
+                    m = common_recipe_qlora(model_dir, args.common_batch, args.seq, warmup=2,
+                                            steps=8, lengths=common_lengths(8, 2))
+                    add("common_recipe", "qlora", "single-gpu", args.common_batch,
+                        "HF+PEFT, NF4 double quant, grad ckpt, autocast bf16, AdamW"
+                        + (", padded to max_length" if kind == "variable" else ""), m)
                 except Exception as err:  # noqa: BLE001
-                    failures.append(f"ray_app {name}: {type(err).__name__}: {err}")
+                    failures.append(f"common_recipe qlora {key} {kind}: {err!r}")
                     traceback.print_exc()
-                    if "out of memory" in str(err).lower() and batch > 1:
-                        batch //= 2  # the worker ran out of GPU memory: try half the batch
-                        continue
-                break
-        os.system(f"rm -rf {shlex.quote(model_dir)}")
+                gc.collect()
+                torch.cuda.empty_cache()
 
-    print("\n| model | variant | method | batch | tokens/s | MFU | peak GiB |")
+            for spec, opts, batch_text, v in variants:
+                if time.perf_counter() - t0 > args.deadline_s:
+                    print(f"deadline: skipping ray_app {spec} {key} {kind}", flush=True)
+                    continue
+                batch = int(batch_text or ray_batch[key])
+                while True:
+                    name = f"{key}-{kind}-{opts.replace('+', '-')}-b{batch}"
+                    # A rerun of a name would resume its finished run instead of training.
+                    for folder in (work / "storage" / name, work / "outputs" / name):
+                        shutil.rmtree(folder, ignore_errors=True)
+                    try:
+                        m = ray_app_run(
+                            name, model_dir, data_file, eval_file if v["with_eval"] else None,
+                            work, batch=batch, seq=args.seq,
+                            steps=args.ray_steps if key == "1b" else 30, warmup_steps=10,
+                            log_every=5, compile_=v["compile_"], liger=v["liger"],
+                            quantization="nf4" if v["qlora"] else "none",
+                            checkpointing=v["checkpointing"], optimizer=v["optimizer"],
+                            attn=v["attn"])
+                        if kind == "variable":
+                            m["seq_fill"] = m["tokens_per_step"] / (batch * args.seq)
+                        add("ray_app", "qlora" if v["qlora"] else "lora", "ddp", batch,
+                            settings_text(v), m)
+                    except Exception as err:  # noqa: BLE001
+                        failures.append(f"ray_app {name}: {type(err).__name__}: {err}")
+                        traceback.print_exc()
+                        if "out of memory" in str(err).lower() and batch > 1:
+                            batch //= 2  # the worker ran out of GPU memory: try half the batch
+                            continue
+                    break
+        del model
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+    print("\n| model | data | variant | method | batch | tokens/s | MFU | peak GiB | train peak |")
     for r in results.rows:
-        print(f"| {r['model']} | {r['variant']} {r.get('settings', '')} | {r['method']} "
-              f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} "
-              f"| {r['peak_gib']} |")
+        print(f"| {r['model']} | {_data_cell(r)} | {r['variant']} {r.get('settings', '')} "
+              f"| {r['method']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} "
+              f"| {r['peak_gib']} | {r.get('train_peak_gib', '-')} |")
     for f in failures:
         print("FAILED:", f)
     print(f"total {time.perf_counter() - t0:.0f}s")
