@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--command", choices=["train", "data"], default="train",
                         help="What the job runs (default: train).")
     submit.set_defaults(func=cmd_submit)
+    register_eval(sub)
+    register_merge(sub)
     try:
         from ray_app.k8s.cli import register as register_k8s
     except ImportError:
@@ -113,6 +115,64 @@ def cmd_data(args, console: Console) -> int:
         prepared = prepare(cfg, cfg.storage_uri(), output / "rejects")
     render_report(prepared.report, console, cached=prepared.cached, rejects_dir=output / "rejects")
     console.print(f"Tokenized records: {prepared.path}")
+    return 0
+
+
+def register_eval(sub) -> None:
+    evaluate = sub.add_parser(
+        "eval", help="Compare the base model and base + adapter on the eval split: perplexity, "
+        "and ROUGE-L, BLEU and exact match of generated answers. Writes <output>/eval/.")
+    _config_args(evaluate)
+    evaluate.add_argument("--adapter", required=True,
+                          help="Adapter folder of a run, e.g. outputs/<run.name>/final.")
+    evaluate.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args, console: Console) -> int:
+    cfg = _load(args)
+    from ray_app.export.evaluate import prepare_eval, render_results, run_eval
+
+    cfg, adapter = prepare_eval(cfg, args.adapter)  # checked before Ray starts
+    from ray_app.ray_session import connect
+
+    connect(args.address, args.num_cpus, args.verbose)
+    results = run_eval(cfg, adapter, console)
+    render_results(results, console, cfg.output_path() / "eval")
+    return 0
+
+
+def register_merge(sub) -> None:
+    merge = sub.add_parser(
+        "merge", help="Merge an adapter into its base weights: a plain transformers model "
+        "(safetensors shards, config, tokenizer) for vLLM or any other server, verified "
+        "against base + adapter.")
+    merge.add_argument("--adapter", required=True,
+                       help="Adapter folder of a run, e.g. outputs/<run.name>/final.")
+    merge.add_argument("--out", required=True, help="New folder for the merged model.")
+    merge.add_argument("--base", help="Base model folder or hub id; default: the "
+                       "base_model_name_or_path in the adapter's adapter_config.json.")
+    merge.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                       default="auto", help="Dtype of the merged weights; auto = the base "
+                       "checkpoint's own (float32 if it names none).")
+    merge.add_argument("--max-shard-size", default="5GB",
+                       help="Largest safetensors shard (default: 5GB).")
+    merge.add_argument("--tolerance", type=float,
+                       help="Allowed max |logit difference| between the merged model and base "
+                       "+ adapter, as a share of the largest |logit| (default: 1e-4 for "
+                       "float32, 3e-2 for bfloat16, 1e-2 for float16).")
+    merge.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args, console: Console) -> int:
+    from ray_app.export.merge import merge_adapter
+
+    result = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.max_shard_size,
+                           args.tolerance, console)
+    shards = sum(name.endswith(".safetensors") for name in result.files)
+    console.print(f"Merged {args.adapter} into {result.base} ({result.dtype}): {result.out}\n"
+                  f"Wrote {shards} safetensors shard(s), config.json and the tokenizer.\n"
+                  f"Check passed: max |logit difference| to base + adapter "
+                  f"{result.max_abs_diff:.3g} (allowed {result.allowed:.3g}).", highlight=False)
     return 0
 
 

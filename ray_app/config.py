@@ -268,6 +268,21 @@ class ScalingSection(_Section):
         return {"CPU": 4.0, "GPU": 1.0} if self.use_gpu else {"CPU": 0.5}
 
 
+class EvalSection(_Section):
+    max_new_tokens: int = Field(
+        32, ge=1, le=4096, description="Tokens generated per eval prompt (greedy) for ROUGE-L, "
+        "BLEU and exact match."
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Eval records per model call.")
+    actors: int | None = Field(
+        None, ge=1, le=1024, description="Model actors in the Ray Data pool; null = one per GPU "
+        "with scaling.use_gpu, else one per 2 CPUs."
+    )
+    max_records: int | None = Field(
+        None, ge=1, description="Evaluate at most this many eval records; null = all."
+    )
+
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -320,6 +335,7 @@ class Config(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     def output_path(self) -> Path:
         return Path(self.run.output_dir or f"outputs/{self.run.name}").resolve()
