@@ -79,10 +79,11 @@ def cmd_train(args, console: Console) -> int:
     dashboard = connect(args.address, args.num_cpus, args.verbose)
     if dashboard:
         console.print(f"Ray dashboard: http://{dashboard}")
+    from ray_app.ray_session import on_cluster
     from ray_app.summary import render_summary
     from ray_app.train.run import run_training
 
-    summary = run_training(cfg, console)
+    summary = on_cluster(run_training, cfg, console)
     render_summary(summary, console, cfg.output_path() / "run_summary.json")
     return 0 if summary["status"] == "succeeded" else 1
 
@@ -109,10 +110,11 @@ def cmd_data(args, console: Console) -> int:
     connect(args.address, args.num_cpus, args.verbose)
     from ray_app.data.pipeline import prepare
     from ray_app.data.report import render_report
+    from ray_app.ray_session import on_cluster
 
     output = cfg.output_path()
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
-        prepared = prepare(cfg, cfg.storage_uri(), output / "rejects")
+        prepared = on_cluster(prepare, cfg, cfg.storage_uri(), output / "rejects")
     render_report(prepared.report, console, cached=prepared.cached, rejects_dir=output / "rejects")
     console.print(f"Tokenized records: {prepared.path}")
     return 0

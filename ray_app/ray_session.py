@@ -7,6 +7,8 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from rich.console import Console
+
 from ray_app.errors import UserError
 
 # Ray's per-report health check defaults to 2 s, which dominates short steps.
@@ -49,6 +51,20 @@ def connect(address: str | None, num_cpus: int | None = None, verbose: bool = Fa
     if not verbose:
         _quiet_console_handlers("ray.data")
     return getattr(context, "dashboard_url", "") or ""
+
+
+def on_cluster(fn, *args):
+    """fn(*args) here, or, from a Ray client session, in a task on the cluster: Ray Data
+    and Ray Train need a driver with a full Ray worker, which a client session lacks.
+    The task's console output stays in the cluster's logs; use `ray-app submit` to follow
+    long runs."""
+    import ray
+
+    if not ray.util.client.ray.is_connected():
+        return fn(*args)
+    # The client's console cannot travel; the task prints to a plain one of its own.
+    args = tuple(Console(width=120) if isinstance(a, Console) else a for a in args)
+    return ray.get(ray.remote(num_cpus=0)(fn).remote(*args))
 
 
 def _quiet_console_handlers(logger_name: str) -> None:
