@@ -38,14 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(train)
     train.set_defaults(func=cmd_train)
+    tune = sub.add_parser(
+        "tune", help="Search hyperparameters: one training run per trial over tune.space "
+        "(Ray Tune); writes best_config.yaml, tune_summary.json and trials.png.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (section: key (default): meaning):\n" + describe_keys(),
+    )
+    _config_args(tune)
+    tune.add_argument("--resume", action="store_true",
+                      help="Continue the study of this config (run.name) where it stopped; "
+                      "finished trials are kept.")
+    tune.set_defaults(func=cmd_tune)
     data = sub.add_parser("data", help="Read, validate and tokenize the data; print the report.")
     _config_args(data)
     data.set_defaults(func=cmd_data)
     submit = sub.add_parser(
-        "submit", help="Run train or data as a Ray job (Jobs API): uploads the config, prints "
+        "submit", help="Run train, data or tune as a Ray job (Jobs API): uploads the config, prints "
         "the job id and dashboard URL, follows the logs, exits with the job's status.")
     _config_args(submit)
-    submit.add_argument("--command", choices=["train", "data"], default="train",
+    submit.add_argument("--command", choices=["train", "data", "tune"], default="train",
                         help="What the job runs (default: train).")
     submit.set_defaults(func=cmd_submit)
     register_eval(sub)
@@ -86,6 +97,25 @@ def cmd_train(args, console: Console) -> int:
     summary = on_cluster(run_training, cfg, console)
     render_summary(summary, console, cfg.output_path() / "run_summary.json")
     return 0 if summary["status"] == "succeeded" else 1
+
+
+def cmd_tune(args, console: Console) -> int:
+    cfg = _load(args)  # validated, search space included, before Ray starts
+    from ray_app.ray_session import connect, is_dashboard_address
+    from ray_app.tune.study import require_space, run_study
+
+    require_space(cfg)
+    if is_dashboard_address(args.address):
+        from ray_app.submit import submit_and_follow
+
+        return submit_and_follow(args, console, "tune")
+    dashboard = connect(args.address, args.num_cpus, args.verbose)
+    if dashboard:
+        console.print(f"Ray dashboard: http://{dashboard}")
+    summary = run_study(cfg, console, resume=args.resume)
+    if summary["status"] != "finished":
+        return 130
+    return 0 if summary["best"] else 1
 
 
 def cmd_submit(args, console: Console) -> int:

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from typing_extensions import Self
 
 from ray_app.errors import UserError
@@ -328,6 +336,128 @@ class RunSection(_Section):
         return value
 
 
+DISTRIBUTIONS = {
+    "loguniform": "[low, high]: floats, log scale (low > 0)",
+    "uniform": "[low, high]: floats",
+    "randint": "[low, high]: integers from low to high - 1",
+    "choice": "[a, b, ...]: one of the values, sampled",
+    "grid": "[a, b, ...]: every value, each in its own trials (random search only)",
+}
+# Keys a trial may not change: data settings and the tokenizer would each need their own
+# tokenized dataset (prepared once per study), run settings name the study itself, and the
+# worker count and resources decide how many trials fit the cluster.
+FIXED_IN_A_STUDY = ("data.", "run.", "tune.", "model.name_or_path", "model.tokenizer",
+                    "scaling.num_workers", "scaling.min_workers", "scaling.use_gpu",
+                    "scaling.resources_per_worker")
+
+
+class Distribution(BaseModel):
+    """One search-space entry, written in YAML as `{loguniform: [1.0e-5, 1.0e-3]}`."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: str
+    values: list[Any]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and set(raw) == {"kind", "values"}:
+            return raw
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise ValueError("must be one distribution, e.g. {loguniform: [1.0e-5, 1.0e-3]} or "
+                             f"{{choice: [8, 16]}}; distributions: {', '.join(DISTRIBUTIONS)}")
+        (kind, values), = raw.items()
+        if kind not in DISTRIBUTIONS:
+            hint = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
+            did = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"unknown distribution {kind!r}{did} Allowed: "
+                             + "; ".join(f"{k} {v}" for k, v in DISTRIBUTIONS.items()))
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{kind} takes a non-empty list: {kind} {DISTRIBUTIONS[kind]}")
+        if kind in ("loguniform", "uniform", "randint"):
+            _check_bounds(kind, values)
+        return {"kind": kind, "values": values}
+
+    @model_serializer
+    def _as_yaml(self) -> dict[str, list[Any]]:
+        return {self.kind: self.values}
+
+    def candidates(self) -> list[Any]:
+        """Values that stand for the whole range when checked against the config: both
+        bounds, and for continuous ranges a non-integer inside them."""
+        if self.kind in ("choice", "grid"):
+            return list(self.values)
+        low, high = self.values
+        if self.kind == "randint":
+            return [low, high - 1]
+        return [float(low), float(high), low + (high - low) * 0.37]
+
+
+def _check_bounds(kind: str, values: list[Any]) -> None:
+    number = int if kind == "randint" else (int, float)
+    if len(values) != 2 or not all(isinstance(v, number) and not isinstance(v, bool)
+                                   for v in values):
+        raise ValueError(f"{kind} takes {DISTRIBUTIONS[kind]}, got {values!r}")
+    low, high = values
+    if not low < high:
+        raise ValueError(f"{kind} bounds must satisfy low < high, got low={low}, high={high}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"loguniform needs low > 0 (log scale), got low={low}")
+
+
+class TuneSection(_Section):
+    space: dict[str, Distribution] = Field(
+        default_factory=dict, description="Search space: dotted config key -> distribution "
+        "({loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}).",
+    )
+    metric: Literal["eval_loss", "eval_perplexity", "loss"] = Field(
+        "eval_loss", description="Reported metric that ranks and stops trials."
+    )
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    num_samples: int = Field(
+        8, ge=1, le=100_000, description="Trials to sample (times every grid combination)."
+    )
+    search: Literal["random", "optuna"] = Field(
+        "random", description="random (and grid) search, or Optuna TPE (needs optuna)."
+    )
+    scheduler: Literal["asha", "none"] = Field(
+        "asha", description="asha stops trials whose metric lags at a rung; none runs all to the end."
+    )
+    grace_period: int | None = Field(
+        None, ge=1, description="ASHA: steps before a trial can be stopped; null = train.eval_every."
+    )
+    reduction_factor: float = Field(
+        3.0, gt=1, le=100, description="ASHA: keep 1/reduction_factor of the trials at each rung."
+    )
+    workers_per_trial: int | None = Field(
+        None, ge=1, le=4096, description="Training workers per trial; null = scaling.num_workers."
+    )
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, le=10_000, description="Trials at once; null = as many as the cluster's "
+        "CPUs/GPUs hold (one CPU kept for Ray Data)."
+    )
+    driver_resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources for each trial's driver, e.g. "
+        "{driver: 0.01} to keep drivers on on-demand nodes that offer that resource.",
+    )
+
+    @field_validator("driver_resources")
+    @classmethod
+    def _positive_amounts(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if amount <= 0:
+                raise ValueError(f"amount for {name!r} must be > 0, got {amount}")
+        return value
+
+    @model_validator(mode="after")
+    def _grid_needs_random_search(self) -> Self:
+        grids = [key for key, dist in self.space.items() if dist.kind == "grid"]
+        if grids and self.search == "optuna":
+            raise ValueError(f"search=optuna cannot run grid entries ({', '.join(grids)}); "
+                             "use choice for them, or search: random")
+        return self
+
+
 class Config(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
@@ -336,6 +466,15 @@ class Config(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _space_keys_are_config_keys(self) -> Self:
+        problems = [_space_key_problem(self, key, dist) for key, dist in self.tune.space.items()]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
 
     def output_path(self) -> Path:
         return Path(self.run.output_dir or f"outputs/{self.run.name}").resolve()
@@ -344,6 +483,31 @@ class Config(_Section):
         """Absolute local path or an unchanged URI (Ray needs absolute local paths)."""
         path = self.run.storage_path
         return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _space_key_problem(cfg: Config, key: str, dist: Distribution) -> str | None:
+    where = f"tune.space.{key}"
+    known = [f"{s}.{k}" for s, f in Config.model_fields.items() for k in f.annotation.model_fields]
+    if key not in known:
+        hint = difflib.get_close_matches(key, known, n=1)
+        did = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"{where}: {key!r} is not a config key{did} Use section.key, e.g. train.lr."
+    if key.startswith(FIXED_IN_A_STUDY):
+        return (f"{where}: {key} cannot vary between trials: every trial trains on the one "
+                "tokenized dataset of the study and fits the same resources. Set it outside "
+                "tune.space (run one study per value).")
+    section, name = key.split(".")
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    for value in dist.candidates():
+        try:
+            Config.model_validate({**base, section: {**base[section], name: value}})
+        except ValidationError as err:
+            reason = err.errors()[0]["msg"]
+            fix = ("Use randint or choice for whole numbers." if "integer" in reason
+                   else f"Keep the range inside what {key} allows.")
+            return (f"{where}: {dist.kind} {dist.values!r} allows {value!r}, which {key} does "
+                    f"not take ({reason}). {fix}")
+    return None
 
 
 def section_names() -> list[str]:
@@ -425,6 +589,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{loc}: unknown key {where}{did} Allowed: {', '.join(allowed)}."
     if kind == "missing":
         return f"{loc}: required key is missing."
+    if not loc:  # a check across sections words its own message
+        return error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     return f"{loc}: got {value!r}; {error['msg'][0].lower()}{error['msg'][1:]}."
 

@@ -33,6 +33,8 @@ def submit_and_follow(args, console: Console, command: str = "train") -> int:
         entry += [a for o in args.overrides for a in ("--set", o)]
     if args.output:
         entry += ["--output", args.output]
+    if getattr(args, "resume", False):
+        entry.append("--resume")
     entry += ["--address", "auto"]
     try:
         client = JobSubmissionClient(args.address)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ray_app.config import Config
+from ray_app.config import Config, EvalSection, TuneSection
 from ray_app.data import storage
 from ray_app.errors import UserError
 
@@ -23,6 +23,8 @@ MAY_CHANGE = {
     "scaling": {"num_workers", "min_workers", "resources_per_worker"},
     "run": {"output_dir", "max_failures", "max_preemptions", "preemption_grace_s",
             "preemption_check_every", "record_samples"},
+    "tune": set(TuneSection.model_fields),  # searches over runs; never shapes one
+    "eval": set(EvalSection.model_fields),  # read by `ray-app eval` only
 }
 
 

@@ -112,7 +112,9 @@ class FailedResult:
         self.best_checkpoints: list = []
 
 
-def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub) -> TorchTrainer:
+def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub,
+                  callbacks: tuple = ()) -> TorchTrainer:
+    """`callbacks`: more Ray Train `UserCallback`s, e.g. Tune's metric forwarder for a trial."""
     # Train sequences are read by the workers themselves in a fixed order (exact resume);
     # eval records go through Ray Data's split.
     datasets = {"eval": data.split("eval")} if plan["has_eval"] else {}
@@ -137,7 +139,7 @@ def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub) -> TorchTrai
                 num_to_keep=cfg.train.keep_checkpoints,
                 **({"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"}
                    if cfg.train.keep_best_by == "eval_loss" else {})),
-            callbacks=[FailureRecorder(hub)],
+            callbacks=[FailureRecorder(hub), *callbacks],
         ),
         datasets=datasets,
     )

@@ -1,0 +1,1 @@
+"""Hyperparameter search: Ray Tune runs one `ray-app train` run per trial."""
