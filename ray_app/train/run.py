@@ -92,12 +92,8 @@ def run_training(cfg: Config, console: Console) -> dict[str, Any]:
     hub = ProgressHub.remote(cfg.run.name)
     trainer = build_trainer(cfg, data, plan.to_dict(), hub)
     with ProgressDisplay(hub, plan.total_steps, console):
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as err:
-            result = FailedResult(err)
-    summary = finish(cfg, data, result, output)
-    summary["train"]["restart_history"] = ray.get(hub.restarts.remote())
+        result = fit(trainer)
+    summary = finish(cfg, data, result, output, hub)
     write_summary(output / "run_summary.json", summary)
     return summary
 
@@ -110,6 +106,14 @@ class FailedResult:
         self.metrics: dict[str, Any] = {}
         self.checkpoint = None
         self.best_checkpoints: list = []
+
+
+def fit(trainer):
+    """`trainer.fit()`, or a FailedResult when it raised, so the summary is still written."""
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        return FailedResult(err)
 
 
 def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub,
@@ -145,7 +149,7 @@ def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub,
     )
 
 
-def finish(cfg: Config, data: PreparedData, result, output: Path) -> dict[str, Any]:
+def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[str, Any]:
     metrics = result.metrics or {}
     summary: dict[str, Any] = {
         "status": "failed" if result.error else "succeeded",
@@ -156,6 +160,7 @@ def finish(cfg: Config, data: PreparedData, result, output: Path) -> dict[str, A
             "tokens_per_s": (metrics.get("tokens_seen", 0) / metrics["train_seconds"]
                              if metrics.get("train_seconds") else None),
             "restarts": metrics.get("restarts", 0),
+            "restart_history": ray.get(hub.restarts.remote()),
             "resumed_from_step": metrics.get("start_step", 0),
             "tokens_per_s_per_worker_last": metrics.get("tokens_per_s_per_worker"),
             "mfu_last": metrics.get("mfu"),

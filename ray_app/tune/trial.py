@@ -22,7 +22,7 @@ from ray_app.summary import write_summary
 from ray_app.train.identity import check_run_identity
 from ray_app.train.plan import plan_steps
 from ray_app.train.progress import ProgressHub
-from ray_app.train.run import FailedResult, build_trainer, finish
+from ray_app.train.run import build_trainer, finish, fit
 from ray_app.tune.space import trial_config
 
 
@@ -71,12 +71,8 @@ def run_trial(values: dict[str, Any], setup: StudySetup) -> None:
     hub = ProgressHub.remote(cfg.run.name)
     trainer = build_trainer(cfg, data, plan.to_dict(), hub,
                             callbacks=(MetricForwarder(setup.metric),))
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        result = FailedResult(err)
-    summary = finish(cfg, data, result, output)
-    summary["train"]["restart_history"] = ray.get(hub.restarts.remote())
+    result = fit(trainer)
+    summary = finish(cfg, data, result, output, hub)
     summary["data_cache"] = data.path
     write_summary(output / "run_summary.json", summary)
     if result.error:
