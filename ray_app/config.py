@@ -191,7 +191,24 @@ class DataSection(_Section):
         return out
 
 
+class DpoSection(_Section):
+    beta: float = Field(0.1, gt=0, le=100, description="Strength of the pull towards the "
+                        "reference (the base model with the adapter disabled).")
+    loss: Literal["sigmoid", "hinge", "ipo"] = Field(
+        "sigmoid", description="sigmoid (DPO), hinge (SLiC) or ipo (IPO, length-normalised)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels "
+        "(conservative DPO; sigmoid loss only)."
+    )
+
+
 class TrainSection(_Section):
+    method: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: next-token loss on the trained tokens; dpo: preference "
+        "optimisation on prompt/chosen/rejected records (settings in train.dpo)."
+    )
+    dpo: DpoSection = Field(default_factory=DpoSection)
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the train split.")
     max_steps: int | None = Field(
         None, gt=0, description="Optimizer steps; overrides epochs when set."
@@ -347,6 +364,7 @@ DISTRIBUTIONS = {
 # tokenized dataset (prepared once per study), run settings name the study itself, and the
 # worker count and resources decide how many trials fit the cluster.
 FIXED_IN_A_STUDY = ("data.", "run.", "tune.", "model.name_or_path", "model.tokenizer",
+                    "train.method",
                     "scaling.num_workers", "scaling.min_workers", "scaling.use_gpu",
                     "scaling.resources_per_worker")
 

@@ -41,7 +41,13 @@ def render_summary(summary: dict[str, Any], console: Console, path: Path) -> Non
     table.add_row("restarts", str(train["restarts"]))
     table.add_row("eval loss", f"{_num(evals['loss_initial'], '.4f')} -> "
                                f"{_num(evals['loss_final'], '.4f')}")
-    table.add_row("eval perplexity", _num(evals["perplexity_final"], ".2f"))
+    if "reward_accuracy_final" in evals:  # DPO
+        for name in ("reward_accuracy", "reward_margin"):
+            table.add_row(f"eval {name.replace('_', ' ')}",
+                          f"{_num(evals[f'{name}_initial'], '.3f')} -> "
+                          f"{_num(evals[f'{name}_final'], '.3f')}")
+    else:
+        table.add_row("eval perplexity", _num(evals["perplexity_final"], ".2f"))
     table.add_row("records", f"{data['accepted']} accepted, {data['rejected']} rejected, "
                              f"{data['duplicates']} duplicates of {data['records_read']}")
     table.add_row("adapter", str(summary["adapter_path"] or "-"))

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 CHUNK_ROWS = 256  # sequences per Parquet row group of the train split
-COLUMNS = ["input_ids", "labels", "position_ids"]
+COLUMNS = ("input_ids", "labels", "position_ids")  # SFT sequences (packed or not)
+PAIR_COLUMNS = ("input_ids", "labels", "rejected_input_ids", "rejected_labels")  # DPO pairs
 SAMPLE_ID = "sample_id"  # a sequence's index in the prepared data (file, row group, row order)
 
 
@@ -52,6 +53,7 @@ class TrainStream:
     build it on the driver (`PreparedData.train_stream()`), pass it to the workers."""
 
     chunks: tuple[Chunk, ...]
+    columns: tuple[str, ...] = COLUMNS
 
     @property
     def num_samples(self) -> int:
@@ -92,7 +94,7 @@ class TrainStream:
             mine = rows[(positions >= first) & (positions < usable)
                         & (positions % world_size == rank)]
             if len(mine):
-                lists = _read_chunk(chunk)
+                lists = _read_chunk(chunk, self.columns)
                 for r in mine:
                     sample = {name: values[bounds[r]:bounds[r + 1]]
                               for name, (bounds, values) in lists.items()}
@@ -107,7 +109,7 @@ class TrainStream:
         Every rank yields `batches_per_rank(world_size, batch_size)` batches when started
         at cursor 0. After k batches on each rank the cursor is
         `k * batch_size * world_size` (`cursor_after(k, batch_size, world_size)`)."""
-        keys = COLUMNS + [SAMPLE_ID]
+        keys = [*self.columns, SAMPLE_ID]
         pending: dict[str, list] = {name: [] for name in keys}
         for sample in self.samples(epoch=epoch, seed=seed, world_size=world_size, rank=rank,
                                    start_sample=start_sample):
@@ -133,7 +135,7 @@ def _check(world_size: int, rank: int, start_sample: int) -> None:
         raise ValueError(f"start_sample must be >= 0, got {start_sample}")
 
 
-def _read_chunk(chunk: Chunk) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _read_chunk(chunk: Chunk, columns: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{column: (row bounds, flat values)}: row r is values[bounds[r]:bounds[r + 1]],
     sliced without building a Python list per row."""
     import pyarrow.parquet as pq
@@ -142,9 +144,9 @@ def _read_chunk(chunk: Chunk) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     fs, path = filesystem(chunk.file)
     with fs.open_input_file(path) as f:
-        table = pq.ParquetFile(f).read_row_group(chunk.row_group, columns=COLUMNS)
+        table = pq.ParquetFile(f).read_row_group(chunk.row_group, columns=list(columns))
     out = {}
-    for name in COLUMNS:
+    for name in columns:
         lists = table.column(name).combine_chunks()
         bounds = lists.offsets.to_numpy()
         out[name] = (bounds - bounds[0], lists.flatten().to_numpy(zero_copy_only=False))

@@ -22,6 +22,11 @@ import pyarrow as pa
 
 from ray_app.data.tokenize import IGNORE
 
+PAIR_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32())),
+    ("num_tokens", pa.int32()),
+])
 SEQUENCE_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
     ("position_ids", pa.list_(pa.int32())), ("num_tokens", pa.int32()), ("num_docs", pa.int32()),
@@ -65,11 +70,8 @@ def copies_of(content_hash: str, weight: float) -> int:
 def pack_batch(batch: dict[str, Any], *, max_seq_len: int, packing: bool,
                weights: dict[int, float], duplicates: np.ndarray) -> pa.Table:
     """Ray Data batch function: accepted train records in, training sequences out."""
-    origins = np.asarray(batch["origin"], dtype=np.int64)
-    keep = ~np.isin(origins, duplicates) if len(duplicates) else np.ones(len(origins), bool)
     docs: list[tuple[np.ndarray, np.ndarray]] = []
-    for i in np.flatnonzero(keep):
-        n = copies_of(str(batch["content_hash"][i]), weights.get(int(batch["source_id"][i]), 1.0))
+    for i, n in _kept(batch, weights, duplicates):
         ids = np.asarray(batch["input_ids"][i], dtype=np.int32)
         labels = np.asarray(batch["labels"][i], dtype=np.int32).copy()
         labels[0] = IGNORE  # never trained to predict a document's first token
@@ -86,3 +88,26 @@ def pack_batch(batch: dict[str, Any], *, max_seq_len: int, packing: bool,
         rows["num_tokens"].append(sum(len(p[0]) for p in parts))
         rows["num_docs"].append(len(parts))
     return pa.Table.from_pydict(rows, schema=SEQUENCE_SCHEMA)
+
+
+def pair_batch(batch: dict[str, Any], *, weights: dict[int, float],
+               duplicates: np.ndarray) -> pa.Table:
+    """Ray Data batch function for train.method=dpo: accepted preference records in, one
+    row per (chosen, rejected) pair out (never packed: DPO compares whole answers)."""
+    rows = {name: [] for name in PAIR_SCHEMA.names}
+    for i, n in _kept(batch, weights, duplicates):
+        for _ in range(n):
+            for name in ("input_ids", "labels", "rejected_input_ids", "rejected_labels"):
+                rows[name].append(np.asarray(batch[name][i], dtype=np.int32))
+            rows["num_tokens"].append(len(rows["input_ids"][-1]) + len(rows["rejected_input_ids"][-1]))
+    return pa.Table.from_pydict(rows, schema=PAIR_SCHEMA)
+
+
+def _kept(batch: dict[str, Any], weights: dict[int, float],
+          duplicates: np.ndarray) -> list[tuple[int, int]]:
+    """(row index, copies per epoch) of the batch's records that are not later duplicates."""
+    origins = np.asarray(batch["origin"], dtype=np.int64)
+    keep = ~np.isin(origins, duplicates) if len(duplicates) else np.ones(len(origins), bool)
+    return [(int(i), copies_of(str(batch["content_hash"][i]),
+                               weights.get(int(batch["source_id"][i]), 1.0)))
+            for i in np.flatnonzero(keep)]

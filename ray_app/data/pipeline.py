@@ -29,14 +29,14 @@ from ray.data.expressions import col
 from ray_app.config import BUILTIN_TINY_LLAMA, Config
 from ray_app.data import storage
 from ray_app.data.jsonl_datasource import FileMeta, JsonlLinesDatasource
-from ray_app.data.order import CHUNK_ROWS, TrainStream, index_chunks
-from ray_app.data.pack import pack_batch
+from ray_app.data.order import CHUNK_ROWS, COLUMNS, PAIR_COLUMNS, TrainStream, index_chunks
+from ray_app.data.pack import pack_batch, pair_batch
 from ray_app.data.report import DataReport, SourceCounts, report_from_counts
 from ray_app.data.sources import expand_sources
 from ray_app.data.tokenize import RecordRules, TokenizeRecords
 from ray_app.errors import UserError
 
-PIPELINE_VERSION = "2"  # bump when the tokenized output of the same inputs changes
+PIPELINE_VERSION = "3"  # bump when the tokenized output of the same inputs changes
 COUNT_KEYS = ["source", "status", "reason", "split", "format"]
 TOKENIZE_BATCH = 256
 PACK_BATCH = 4096  # records packed together: larger fills sequences better
@@ -54,10 +54,13 @@ class PreparedData:
 
     def split(self, name: str) -> ray.data.Dataset:
         """The `train` sequences (packed when data.packing; columns input_ids, labels,
-        position_ids) or the `eval` records (input_ids, labels), as a Ray Dataset."""
+        position_ids) or the `eval` records (input_ids, labels), as a Ray Dataset. For DPO
+        data (report.pairs) both splits hold pairs: input_ids, labels (the chosen answer),
+        rejected_input_ids, rejected_labels."""
         if name not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {name!r}")
-        columns = ["input_ids", "labels"] + (["position_ids"] if name == "train" else [])
+        columns = (list(PAIR_COLUMNS) if self.report.pairs
+                   else ["input_ids", "labels"] + (["position_ids"] if name == "train" else []))
         return ray.data.read_parquet(f"{self.path}/{name}", columns=columns)
 
     def train_stream(self) -> TrainStream:
@@ -65,7 +68,8 @@ class PreparedData:
         index = json.loads(storage.read_text(f"{self.path}/train_index.json"))
         from ray_app.data.order import Chunk
 
-        return TrainStream(tuple(Chunk(**c) for c in index))
+        return TrainStream(tuple(Chunk(**c) for c in index),
+                           PAIR_COLUMNS if self.report.pairs else COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -104,10 +108,10 @@ def resolve_shards(cfg: Config) -> list[Shard]:
 
 
 def fingerprint(cfg: Config, shards: list[Shard]) -> str:
-    """Changes when an input file, the tokenizer or a data setting that shapes the output
-    changes (not for tokenize_actors or strict)."""
+    """Changes when an input file, the tokenizer, the training method or a data setting
+    that shapes the output changes (not for tokenize_actors or strict)."""
     settings = cfg.data.model_dump_json(exclude={"tokenize_actors", "strict"})
-    parts = [PIPELINE_VERSION, tokenizer_path(cfg), settings]
+    parts = [PIPELINE_VERSION, tokenizer_path(cfg), settings, cfg.train.method]
     for s in shards:
         parts.append(f"{s.path}:{s.meta.role}:{storage.stamp(s.path)}")
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=10).hexdigest()
@@ -145,8 +149,9 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
         storage.remove_dir(f"{cache}/{part}")
     records = f"{cache}/records"
     has_eval_shards = any(s.meta.role == "eval" for s in shards)
+    pairs = cfg.train.method == "dpo"
     rules = RecordRules.from_config(data, 0.0 if has_eval_shards else data.eval_fraction,
-                                    {s.meta.source_id: s.meta.fields for s in shards})
+                                    {s.meta.source_id: s.meta.fields for s in shards}, pairs)
     clock = _StageClock()
     (read_lines(shards, data.max_record_bytes)
         .map_batches(TokenizeRecords,
@@ -166,29 +171,30 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
     clock.lap("count_and_rejects")
     weights = {s.meta.source_id: s.weight for s in shards}
     accepted = (ray.data.read_parquet(records, columns=[
-        "source_id", "origin", "status", "split", "content_hash", "input_ids", "labels"])
+        "source_id", "origin", "status", "split", "content_hash", *PAIR_COLUMNS[:2 + 2 * pairs]])
         .filter(expr=col("status") == "accepted"))
-    for name, packing, count in (("train", data.packing, report.train_records),
+    for name, packing, count in (("train", data.packing and not pairs, report.train_records),
                                  ("eval", False, report.eval_records)):
         if count == 0:
             continue  # a pass over all records for nothing
+        shared = {"weights": weights if name == "train" else {}, "duplicates": duplicates}
+        fn, kwargs = ((pair_batch, shared) if pairs else
+                      (pack_batch, {**shared, "max_seq_len": data.max_seq_len, "packing": packing}))
         (accepted.filter(expr=col("split") == name)
-            .map_batches(pack_batch, batch_size=PACK_BATCH, batch_format="numpy",
-                         fn_kwargs={"max_seq_len": data.max_seq_len, "packing": packing,
-                                    "weights": weights if name == "train" else {},
-                                    "duplicates": duplicates})
+            .map_batches(fn, batch_size=PACK_BATCH, batch_format="numpy", fn_kwargs=kwargs)
             .write_parquet(f"{cache}/{name}", row_group_size=CHUNK_ROWS))
 
     chunks = index_chunks(f"{cache}/train")
     storage.write_text(f"{cache}/train_index.json",
                        json.dumps([c.__dict__ for c in chunks]))
-    report.packing, report.max_seq_len = data.packing, data.max_seq_len
+    report.packing, report.pairs = data.packing and not pairs, pairs
+    report.max_seq_len = data.max_seq_len
     report.train_sequences = sum(c.rows for c in chunks)
     if report.train_sequences:
         report.sequence_tokens = int(ray.data.read_parquet(
             f"{cache}/train", columns=["num_tokens"]).sum("num_tokens"))
-        report.packing_efficiency = report.sequence_tokens / (report.train_sequences
-                                                              * data.max_seq_len)
+        slots = report.train_sequences * data.max_seq_len * (2 if pairs else 1)
+        report.packing_efficiency = report.sequence_tokens / slots
     clock.lap("pack_write")
     report.stage_seconds = clock.laps
     return report

@@ -2,6 +2,10 @@
 
 Credentials come from each filesystem's usual environment and config files (AWS_*
 variables and ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...); they are never logged.
+pyarrow's S3 client retries transient failures (5xx, SlowDown, timeouts, dropped
+connections) with backoff (the AWS standard strategy, 3 attempts); Ray Train uploads
+checkpoints through the same client. An S3-compatible server (MinIO, moto, ...) is
+reached through AWS_ENDPOINT_URL.
 """
 
 from __future__ import annotations

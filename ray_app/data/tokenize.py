@@ -122,15 +122,18 @@ class RecordRules:
     max_tokens: int | None = None
     max_record_bytes: int = 4_000_000
     fmt: str = "auto"  # used where the reader gave no per-file format
+    pairs: bool = False  # train.method=dpo: only preference records, both answers trained
     fields: dict[int, dict[str, str]] = field(default_factory=dict)  # per source_id
 
     @classmethod
     def from_config(cls, data, eval_fraction: float,
-                    fields: dict[int, dict[str, str]] | None = None) -> RecordRules:
+                    fields: dict[int, dict[str, str]] | None = None,
+                    pairs: bool = False) -> RecordRules:
         return cls(max_seq_len=data.max_seq_len, eval_fraction=eval_fraction,
                    trained_roles=tuple(data.train_on_roles), truncation=data.truncation,
                    min_tokens=data.min_tokens, max_tokens=data.max_tokens,
-                   max_record_bytes=data.max_record_bytes, fmt=data.format, fields=fields or {})
+                   max_record_bytes=data.max_record_bytes, fmt=data.format, fields=fields or {},
+                   pairs=pairs)
 
 
 class TokenizeRecords:
@@ -181,6 +184,9 @@ class TokenizeRecords:
             if not fmt:
                 raise RecordError("no known format: expected a 'text', 'messages', "
                                   "'instruction' + 'output' or 'chosen' + 'rejected' field")
+            if rules.pairs and fmt != "preference":
+                raise RecordError("train.method=dpo trains on preference records (prompt, "
+                                  "chosen, rejected); this record has no chosen/rejected pair")
             if fmt == "preference":
                 pair = to_preference(record, fields)
                 turns = pair.prompt + [pair.chosen]
@@ -206,6 +212,9 @@ class TokenizeRecords:
             trained = int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE))
             if trained == 0:
                 raise RecordError(f"no trainable tokens within max_seq_len={self.rules.max_seq_len}")
+            if self.rules.pairs and not np.count_nonzero(np.asarray(rest[0][1][1:]) != IGNORE):
+                raise RecordError("no trainable tokens of the rejected answer within "
+                                  f"max_seq_len={self.rules.max_seq_len}")
             row.update(num_tokens=len(ids), trained_tokens=trained, input_ids=ids, labels=labels)
             if rest:
                 row.update(rejected_input_ids=rest[0][0], rejected_labels=rest[0][1])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
+PREFERENCE = HERE / "preference"
 TOKENIZER = HERE / "tokenizer"
 
 CAPITALS = {
@@ -106,6 +107,19 @@ def text_records(rng: random.Random, n: int) -> list[dict]:
     return out
 
 
+def preference_records(rng: random.Random, n: int) -> list[dict]:
+    """Prompt, a direct correct answer (chosen) and a hedged wrong one (rejected)."""
+    out = []
+    for _ in range(n):
+        question, answer = _chat_turn(rng)
+        wrong = answer
+        while wrong == answer:
+            wrong = _chat_turn(rng)[1]
+        out.append({"prompt": question, "chosen": answer,
+                    "rejected": f"I am not sure. Maybe {wrong[0].lower()}{wrong[1:]}"})
+    return out
+
+
 BROKEN = {
     "instructions.alpaca.jsonl": [
         '{"instruction": "Add the two numbers.", "input": "3 + 4"',  # truncated JSON
@@ -137,6 +151,10 @@ def write_data(seed: int = 0) -> None:
         for k, bad in enumerate(BROKEN[name]):  # spread the broken lines through the file
             lines.insert((k + 1) * len(lines) // (len(BROKEN[name]) + 1), bad)
         (DATA / name).write_text("\n".join(lines) + "\n")
+    # DPO sample (jobs/configs/dpo.yaml); its own folder, so the SFT quickstart skips it.
+    PREFERENCE.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in preference_records(rng, 1200)]
+    (PREFERENCE / "answers.preference.jsonl").write_text("\n".join(lines) + "\n")
 
 
 CHAT_TEMPLATE = (

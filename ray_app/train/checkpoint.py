@@ -37,7 +37,7 @@ class LoopState:
     tokens_seen: int = 0
     restarts: int = 0
     train_seconds: float = 0.0
-    eval_loss_initial: float | None = None
+    eval_initial: dict[str, float] = field(default_factory=dict)  # eval metrics at step 0
     world_size: int = 0  # when saved
     resumes: list[dict] = field(default_factory=list)  # {"step", "world_size"} per resume
 

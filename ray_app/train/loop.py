@@ -1,7 +1,8 @@
 """The per-worker training loop that Ray Train runs on every worker.
 
 Plain PyTorch: load the frozen base, add LoRA, AdamW with a warm-up schedule, gradient
-accumulation with token-weighted loss, clipping, periodic eval and checkpoints. All state
+accumulation with token-weighted loss (or the DPO loss, `ray_app.train.dpo`), clipping,
+periodic eval and checkpoints. All state
 needed to continue (adapter, optimizer, scheduler, step, data position) is in the
 checkpoint, so a restarted worker group carries on where the last checkpoint left off.
 """
@@ -23,6 +24,7 @@ from ray_app.data.order import SAMPLE_ID, TrainStream
 from ray_app.data.tokenize import IGNORE, load_tokenizer
 from ray_app.model.loading import add_lora, apply_speedups, load_base
 from ray_app.train import checkpoint as ckpt
+from ray_app.train import dpo
 from ray_app.train.engines import build_engine
 from ray_app.train.faults import inject
 from ray_app.train.flops import flops_per_token, peak_tflops
@@ -67,36 +69,51 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state, resumed, warnings = _restore(engine, rank, world)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu
                 else nullcontext())
-    collate = PadCollate(tokenizer.pad_token_id)
-    # Packed rows keep their documents apart through position_ids (no attention mask).
-    train_collate = PackedCollate(tokenizer.pad_token_id,
-                                  flatten=cfg.model.attn_implementation == "flash_attention_2")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+    if t.method == "dpo":
+        train_collate = eval_collate = dpo.PairCollate(
+            tokenizer.pad_token_id, flatten=cfg.model.attn_implementation == "flash_attention_2")
 
-    def evaluate() -> float | None:
-        return _eval_loss(engine.model, eval_shard, collate, t.batch_size_per_worker, device,
-                          autocast) if eval_shard else None
+        def optimizer_step(micro):
+            return dpo.optimizer_step(engine, micro, autocast, world, device, t.dpo)
+
+        def evaluate() -> dict[str, float]:
+            return dpo.evaluate(engine, eval_shard, eval_collate, t.batch_size_per_worker,
+                                device, autocast, t.dpo) if eval_shard else {}
+    else:
+        eval_collate = PadCollate(tokenizer.pad_token_id)
+        # Packed rows keep their documents apart through position_ids (no attention mask).
+        train_collate = PackedCollate(tokenizer.pad_token_id,
+                                      flatten=cfg.model.attn_implementation == "flash_attention_2")
+
+        def optimizer_step(micro):
+            return _optimizer_step(engine, micro, autocast, world, device)
+
+        def evaluate() -> dict[str, float]:
+            return _eval_metrics(_eval_loss(engine.model, eval_shard, eval_collate,
+                                            t.batch_size_per_worker, device, autocast)
+                                 if eval_shard else None)
 
     def publish(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         metrics = {**metrics, "restarts": state.restarts, "total_steps": plan.total_steps,
-                   "eval_loss_initial": state.eval_loss_initial}
+                   **{f"{k}_initial": v for k, v in state.eval_initial.items()}}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         if rank == 0 and hub is not None:
             hub.update.remote(metrics)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"step_{state.step:07d}" if checkpoint else None)
 
-    eval_loss = evaluate()
-    initial = {"step": state.step, "epoch": state.epoch, "eval_loss": eval_loss,
-               "eval_perplexity": _ppl(eval_loss), "resumed": resumed,
+    eval_now = evaluate()
+    initial = {"step": state.step, "epoch": state.epoch, **eval_now, "resumed": resumed,
                "world_size": world, "warnings": warnings}
     if not resumed:
-        state.eval_loss_initial = eval_loss
+        state.eval_initial = {k: v for k, v in eval_now.items() if v is not None}
     publish(initial)
 
     trace = (SampleTrace(trace_folder(loop_config["storage"], cfg.run.name), rank, world)
              if cfg.run.record_samples else None)
     window_tokens, window_loss, window_seconds = 0, 0.0, 0.0
+    window_stats: dict[str, float] = {}  # extra per-step means (DPO rewards), summed
     start_step = state.step
     faults = loop_config.get("faults") or {}
     last_checkpoint_step = state.step if resumed else -1
@@ -107,7 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def checkpoint(metrics: dict[str, Any], final: bool = False) -> None:
         nonlocal last_checkpoint_step
         if final or t.keep_best_by == "eval_loss":
-            metrics.update(_eval_metrics(evaluate()))
+            metrics.update(evaluate())
         if final:
             metrics.update(final=True, train_seconds=state.train_seconds,
                            start_step=start_step, tokens_seen=state.tokens_seen)
@@ -130,7 +147,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             sample_ids = [int(i) for b in micro for i in b.pop(SAMPLE_ID)]
             step_start = time.perf_counter()
-            loss, tokens, grad_norm = _optimizer_step(engine, micro, autocast, world, device)
+            loss, tokens, grad_norm, stats = optimizer_step(micro)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise DivergedError(
+                    f"step {state.step + 1}: loss {loss}, gradient norm {grad_norm}. Training "
+                    "diverged (lower train.lr or train.max_grad_norm) or the model computes "
+                    "NaN/inf in this precision. Stopped before any non-finite adapter is "
+                    "checkpointed; the last checkpoint is intact.")
+            for name, value in stats.items():
+                window_stats[name] = window_stats.get(name, 0.0) + value
             state.step += 1
             state.sample_cursor += len(sample_ids) * world  # every rank took as many
             if trace:
@@ -152,13 +177,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     tokens_per_s=window_tokens / max(window_seconds, 1e-9),
                     tokens_seen=state.tokens_seen,
                     **speed(window_tokens / max(window_seconds, 1e-9)),
+                    **{k: v / steps_in_window for k, v in window_stats.items()},
                 )
                 window_tokens, window_loss, window_seconds = 0, 0.0, 0.0
+                window_stats = {}
             final = state.step == plan.total_steps
             due = state.step % t.checkpoint_every == 0
             if t.eval_every and state.step % t.eval_every == 0 and not final \
                     and not (due and t.keep_best_by == "eval_loss"):
-                metrics.update(step=state.step, epoch=state.epoch, **_eval_metrics(evaluate()))
+                metrics.update(step=state.step, epoch=state.epoch, **evaluate())
             notice = watch.poll(state.step)
             if final or due or notice:
                 if notice:
@@ -176,6 +203,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.sample_cursor = 0
     if last_checkpoint_step != state.step:  # resumed at the very end: still hand back a result
         checkpoint({}, final=True)
+
+
+class DivergedError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite."""
 
 
 def _restore(engine, rank: int, world: int) -> tuple[ckpt.LoopState, bool, list[str]]:
@@ -227,7 +258,7 @@ def _optimizer_step(engine, micro, autocast, world, device):
     loss = torch.tensor([total / world], device=device)
     if world > 1:
         dist.all_reduce(loss)
-    return float(loss), real_tokens, grad_norm
+    return float(loss), real_tokens, grad_norm, {}
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ from typing_extensions import Self
 RAY_METRICS = {"loss": "ray_app_train_loss", "eval_loss": "ray_app_eval_loss",
                "tokens_per_s": "ray_app_tokens_per_s", "mfu": "ray_app_mfu",
                "peak_gib": "ray_app_gpu_mem_gib", "step": "ray_app_step",
-               "restarts": "ray_app_restarts"}
+               "restarts": "ray_app_restarts", "reward_accuracy": "ray_app_reward_accuracy",
+               "reward_margin": "ray_app_reward_margin"}
 
 
 @ray.remote(num_cpus=0)
@@ -160,6 +161,10 @@ class ProgressDisplay:
         m = self.latest
         info = (f"loss {_fmt(m.get('loss'), '.4f')}  eval {_fmt(m.get('eval_loss'), '.4f')}  "
                 f"{_fmt(m.get('tokens_per_s'), ',.0f')} tok/s")
+        if "reward_accuracy" in m or "eval_reward_accuracy" in m:  # DPO
+            info += (f"  reward acc {_fmt(m.get('reward_accuracy'), '.2f')}"
+                     f"/{_fmt(m.get('eval_reward_accuracy'), '.2f')} (train/eval)"
+                     f"  margin {_fmt(m.get('reward_margin'), '.3f')}")
         self.progress.update(self.task, completed=m.get("step", 0), info=info)
         if not self.live:
             self.console.print(f"step {m.get('step', 0)}/{self.total}  {info}  "

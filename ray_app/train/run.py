@@ -170,6 +170,10 @@ def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[s
             "loss_initial": metrics.get("eval_loss_initial"),
             "loss_final": metrics.get("eval_loss"),
             "perplexity_final": metrics.get("eval_perplexity"),
+            **({f"{name}_{when}": metrics.get(f"eval_{name}{suffix}")
+                for name in ("reward_accuracy", "reward_margin")
+                for when, suffix in (("initial", "_initial"), ("final", ""))}
+               if cfg.train.method == "dpo" else {}),
         },
         "adapter_path": None,
         "checkpoints": [c.path for c, _ in (result.best_checkpoints or [])],
