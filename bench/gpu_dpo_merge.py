@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_throughput import (  # noqa: E402
+from gpu_throughput import (
     LORA_ALPHA,
     LORA_R,
     LORA_TARGETS,
@@ -101,9 +101,8 @@ def dpo_run(model_dir: str, work: Path, steps: int, batch: int, seq: int,
 def merge_run(adapter: str, base: str, out: Path) -> dict:
     from rich.console import Console
 
-    from ray_app.export.merge import merge_adapter
-
     from ray_app.errors import UserError
+    from ray_app.export.merge import merge_adapter
 
     started = time.perf_counter()
     try:

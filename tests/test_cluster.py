@@ -245,7 +245,8 @@ def tokenized(cluster, small_data, tmp_path):
     if not list(cluster.storage.glob("datasets/*/report.json")):
         config = _config_file(cluster, tmp_path, small_data, "tokenize")
         done = subprocess.run([sys.executable, "-m", "ray_app", "data", str(config),
-                               "--num-cpus", "2"], capture_output=True, text=True, timeout=600)
+                               "--num-cpus", "2"], capture_output=True, text=True, timeout=600,
+                              check=False)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

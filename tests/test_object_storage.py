@@ -27,11 +27,13 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 
 class FlakyProxy(http.server.ThreadingHTTPServer):
-    """Forwards every request to the S3 server, except that every third write (PUT, POST,
-    DELETE) is answered 503 SlowDown, a transient error clients must retry."""
+    """Forwards every request to the S3 server, except that every third distinct write
+    (PUT, POST, DELETE of a path) is answered 503 SlowDown once, a transient error: its
+    retry goes through."""
 
     def __init__(self, upstream: tuple[str, int]):
         self.upstream, self.writes, self.failed = upstream, 0, 0
+        self.failed_once: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Forward)
 
@@ -58,9 +60,14 @@ class _Forward(http.server.BaseHTTPRequestHandler):
         server: FlakyProxy = self.server
         if self.command in ("PUT", "POST", "DELETE"):
             with server.lock:
-                server.writes += 1
-                fail = server.writes % 3 == 0
-                server.failed += fail
+                key = (self.command, self.path)
+                fail = False
+                if key not in server.failed_once:  # a retry of a failed write goes through
+                    server.writes += 1
+                    fail = server.writes % 3 == 0
+                if fail:
+                    server.failed_once.add(key)
+                    server.failed += 1
             if fail:
                 self.send_response(503)
                 self.send_header("Content-Type", "application/xml")
@@ -99,8 +106,9 @@ def s3(tmp_path_factory):
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}
-    direct = boto3.client("s3", endpoint_url="http://%s:%d" % server.get_host_and_port(), **{
-        "aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"})
+    host, port = server.get_host_and_port()
+    direct = boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
     direct.create_bucket(Bucket="bucket")
     rng = random.Random(5)
     for name, records in (("a.jsonl", build_assets.alpaca_records(rng, 120)),
@@ -123,12 +131,14 @@ def test_a_run_on_s3_retries_transient_errors_and_resumes_from_its_s3_checkpoint
     done = subprocess.run(
         [sys.executable, "-m", "ray_app", "train", str(config), "--num-cpus", "2"],
         env={**os.environ, **env, FAIL_AT_STEP_ENV: "5"}, capture_output=True, text=True,
-        timeout=900)
+        timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     train = summary["train"]
     assert (train["steps"], train["restarts"], train["resumed_from_step"]) == (6, 1, 4)
     assert summary["data"]["records_read"] == 240
+    assert {f["path"] for f in summary["data"]["files"]} == {"s3://bucket/data/a.jsonl",
+                                                             "s3://bucket/data/m.jsonl"}
     keys = [o["Key"] for page in direct.get_paginator("list_objects_v2").paginate(
         Bucket="bucket", Prefix="runs/") for o in page.get("Contents", [])]
     assert any(k.startswith("runs/datasets/") and k.endswith("report.json") for k in keys)

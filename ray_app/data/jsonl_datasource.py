@@ -42,6 +42,8 @@ class JsonlLinesDatasource(FileBasedDatasource):
                  **kwargs):
         super().__init__(paths, **kwargs)
         self._meta = {**meta, **{uri_tail(p): m for p, m in meta.items()}}
+        # Reported under the name the user gave (s3://b/x.jsonl), not pyarrow's (b/x.jsonl).
+        self._names = {**{p: p for p in meta}, **{uri_tail(p): p for p in meta}}
         self._max_bytes = max_record_bytes
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[Block]:
@@ -65,7 +67,7 @@ class JsonlLinesDatasource(FileBasedDatasource):
             text = text.rstrip("\r")  # CRLF files
             if not text.strip():
                 continue  # blank lines are layout, not records
-            rows.append({"source": path, "source_id": meta.source_id, "line": number,
+            rows.append({"source": self._names.get(path, path), "source_id": meta.source_id, "line": number,
                          "text": text, "bad_utf8": bad, "num_bytes": size, "file_format": fmt,
                          "role": meta.role})
             if len(rows) >= ROWS_PER_BLOCK:
