@@ -40,7 +40,7 @@ from gpu_throughput import (
 )
 
 
-def write_pairs(path: Path, n: int, seed: int) -> None:
+def write_pairs(path: Path, n: int, seed: int, sft: bool = False) -> None:
     rng = random.Random(seed)
 
     def text(median_chars: int) -> str:
@@ -48,12 +48,15 @@ def write_pairs(path: Path, n: int, seed: int) -> None:
 
     with path.open("w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": text(300), "chosen": text(400),
-                                "rejected": text(400)}) + "\n")
+            pair = {"prompt": text(300), "chosen": text(400), "rejected": text(400)}
+            if sft:  # the chosen answers as instructions, for an SFT run on the same data
+                pair = {"instruction": pair["prompt"], "output": pair["chosen"]}
+            f.write(json.dumps(pair) + "\n")
 
 
 def dpo_run(model_dir: str, work: Path, steps: int, batch: int, seq: int,
-            gpu: bool = True) -> dict:
+            gpu: bool = True, liger: str = "auto", detect_anomaly: bool = False,
+            attn: str = "sdpa", method: str = "dpo", quantization: str = "nf4") -> dict:
     import ray
     from rich.console import Console
 
@@ -61,28 +64,40 @@ def dpo_run(model_dir: str, work: Path, steps: int, batch: int, seq: int,
     import ray_app.train.run as run_mod
     from ray_app.config import validate_config
 
+    run_dir = work / f"run-{time.strftime('%H%M%S')}"  # each invocation its own run
     train, evals = work / "pairs.jsonl", work / "eval_pairs.jsonl"
-    write_pairs(train, int(steps * batch * 1.3), seed=0)
-    write_pairs(evals, 16, seed=1)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    sft = method == "sft"
+    write_pairs(train, int(steps * batch * 1.3), seed=0, sft=sft)
+    write_pairs(evals, 16, seed=1, sft=sft)
+    ray.init(include_dashboard=False, log_to_driver=detect_anomaly)
     cfg = validate_config({
         "model": {"name_or_path": model_dir, "tokenizer": str(TOKENIZER), "dtype": "bfloat16",
-                  "quantization": "nf4"},
+                  "quantization": quantization, "liger": liger, "attn_implementation": attn},
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": LORA_TARGETS},
-        "data": {"train": [str(train)], "eval": [str(evals)], "format": "preference",
+        "data": {"train": [str(train)], "eval": [str(evals)], "format": "alpaca" if sft else "preference",
                  "max_seq_len": seq},
-        "train": {"method": "dpo", "dpo": {"beta": 0.1}, "max_steps": steps, "lr": 5e-4,
+        "train": {"method": method, "dpo": {"beta": 0.1}, "max_steps": steps, "lr": 5e-4,
                   "batch_size_per_worker": batch, "log_every": 1, "eval_every": 0,
                   "checkpoint_every": steps, "warmup_ratio": 0.0, "schedule": "constant",
                   "activation_checkpointing": "all"},
         "scaling": {"num_workers": 1, "use_gpu": gpu,
                     "resources_per_worker": {"CPU": 4, "GPU": 1} if gpu else {"CPU": 1}},
-        "run": {"name": "dpo8b", "storage_path": str(work / "storage"),
-                "output_dir": str(work / "dpo_out"), "max_failures": 0},
+        "run": {"name": "dpo8b", "storage_path": str(run_dir / "storage"),
+                "output_dir": str(run_dir / "out"), "max_failures": 0},
     }, source="bench dpo")
     peak_file = work / "peak_dpo.json"
     original = run_mod.train_loop_per_worker
-    run_mod.train_loop_per_worker = _peak_wrapper(str(peak_file))
+    loop = _peak_wrapper(str(peak_file))
+    if detect_anomaly:  # names the forward op whose backward first gives NaN
+        def loop_with_anomaly(loop_config, loop=loop):
+            import torch
+
+            torch.autograd.set_detect_anomaly(True)
+            loop(loop_config)
+
+        run_mod.train_loop_per_worker = loop_with_anomaly
+    else:
+        run_mod.train_loop_per_worker = loop
     started = time.perf_counter()
     try:
         summary = run_mod.run_training(cfg, Console(file=sys.stderr, width=120))
@@ -98,7 +113,7 @@ def dpo_run(model_dir: str, work: Path, steps: int, batch: int, seq: int,
             "train_pairs": summary["data"]["train_sequences"]}
 
 
-def merge_run(adapter: str, base: str, out: Path) -> dict:
+def merge_run(adapter: str, base: str, out: Path, dtype: str = "bfloat16") -> dict:
     from rich.console import Console
 
     from ray_app.errors import UserError
@@ -106,7 +121,7 @@ def merge_run(adapter: str, base: str, out: Path) -> dict:
 
     started = time.perf_counter()
     try:
-        result = merge_adapter(adapter, str(out), base, "bfloat16", "5GB", None,
+        result = merge_adapter(adapter, str(out), base, dtype, "5GB", None,
                                Console(file=sys.stderr))
     except UserError as err:  # a failed verification is a result too
         return {"seconds": round(time.perf_counter() - started, 1), "verified": False,
@@ -125,6 +140,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--liger", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--detect-anomaly", action="store_true")
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--method", choices=["dpo", "sft"], default="dpo")
+    parser.add_argument("--quantization", choices=["nf4", "none"], default="nf4")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="a tiny random model on CPU: checks this script, measures nothing")
     args = parser.parse_args()
@@ -140,24 +160,40 @@ def main() -> int:
 
     t0 = time.perf_counter()
     model_dir = str(args.work / "model_8b")
-    if args.cpu_smoke:
+    if (Path(model_dir) / "config.json").exists():
+        results["device"] = "cpu" if args.cpu_smoke else torch.cuda.get_device_name()
+        model = None  # built by an earlier run in the same work folder
+    elif args.cpu_smoke:
         from ray_app.data.tokenize import load_tokenizer
         from ray_app.model.loading import build_tiny_llama
 
         results["device"], results["model"] = "cpu", "tiny (smoke)"
         model = build_tiny_llama(load_tokenizer(str(TOKENIZER)), seed=0)
     else:
+        from ray_app.data.tokenize import load_tokenizer
+
         results["device"] = torch.cuda.get_device_name()
-        model = build_model("8b")
-    model.save_pretrained(model_dir)
+        # The model's pad id is the tokenizer's: random init zeroes the pad row of the
+        # embedding, and a zero first token (here <|im_start|>, id 2, were it the pad id)
+        # keeps its hidden state at zero through every layer, where each RMSNorm's
+        # backward multiplies the gradient by 1/sqrt(eps): NaN within 32 layers.
+        tok = load_tokenizer(str(TOKENIZER))
+        model = build_model("8b", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if model is not None:
+        model.save_pretrained(model_dir)
     del model
     torch.cuda.empty_cache()
     results["save_base_s"] = round(time.perf_counter() - t0, 1)
     save()
-    results["dpo_qlora"] = dpo_run(model_dir, args.work, args.steps, args.batch, args.seq,
-                                   gpu=not args.cpu_smoke)
+    results.update(liger=args.liger, attn=args.attn, method=args.method,
+                   quantization=args.quantization)
+    results["train_run"] = dpo_run(model_dir, args.work, args.steps, args.batch, args.seq,
+                                   gpu=not args.cpu_smoke, liger=args.liger,
+                                   detect_anomaly=args.detect_anomaly, attn=args.attn,
+                                   method=args.method, quantization=args.quantization)
     save()
-    results["merge"] = merge_run(results["dpo_qlora"]["adapter"], model_dir, args.work / "merged")
+    results["merge"] = merge_run(results["train_run"]["adapter"], model_dir,
+                                 args.work / f"merged-{args.method}-{args.quantization}")
     save()
     return 0
 

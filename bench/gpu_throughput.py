@@ -156,13 +156,14 @@ def padded_batch(lengths: list[int], seq: int, vocab: int, pad_id: int, generato
 # --------------------------------------------------------------------------- models
 
 
-def build_model(key: str):
+def build_model(key: str, **special_ids):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     shape = {k: v for k, v in SHAPES[key].items() if k != "name"}
     config = LlamaConfig(**shape, max_position_embeddings=131072, rope_theta=500000.0,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
+                         **{"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+                            **special_ids})
     torch.manual_seed(0)
     with torch.device("cuda"):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
@@ -489,8 +490,9 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
          "recomputation not counted), with the matmul rate measured in the same run. "
          "'x common' is tokens/s over that of the common recipe with the same model, data "
          "and method. Peak is `torch.cuda.max_memory_allocated` of the training process; "
-         "'train peak' leaves out ray_app's eval passes, which compute full logits (not "
-         "measured in older rows). ray_app runs get an 8-record eval file; 'no eval data' "
+         "'train peak' leaves out ray_app's eval passes (not measured in older rows), "
+         "which computed full logits until evaluation also used Liger's fused loss "
+         "(rows marked 'fused-loss eval'). ray_app runs get an 8-record eval file; 'no eval data' "
          "is the same run without it, where the trainer then stayed in eval mode (no "
          "dropout, no activation checkpointing, Liger's fused linear cross-entropy fell back "
          "to full logits). That row documents the defect; the loop now switches to train "

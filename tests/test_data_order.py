@@ -117,7 +117,7 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
     assert int(inputs.pop(REAL_TOKENS)) == 11 and "attention_mask" not in inputs
     inputs.pop("labels")
     assert inputs["input_ids"].shape == (2, 8)
-    assert inputs["position_ids"][1].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]  # padding restarts
+    assert inputs["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # padding continues
     with torch.no_grad():  # use_cache=False: with a cache transformers ignores packing
         packed = model(**inputs, use_cache=False).logits
         alone_a = model(input_ids=torch.tensor([a])).logits[0]
@@ -125,6 +125,22 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
     torch.testing.assert_close(packed[0, :5], alone_a, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[0, 5:8], alone_b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[1, :3], alone_b, atol=1e-5, rtol=1e-4)
+
+
+def test_padded_rows_of_one_document_each_need_no_attention_mask():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    rows = [np.array([3, 4, 5, 6, 7]), np.array([8, 9])]  # packing off, or DPO answers
+    inputs = PackedCollate(pad_id=0)({"input_ids": rows, "labels": rows})
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]]
+    # transformers then builds no mask tensor: plain causal attention
+    assert find_packed_sequence_indices(inputs["position_ids"]) is None
+    model = _tiny_llama("sdpa")
+    with torch.no_grad():
+        padded = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                       use_cache=False).logits
+        alone = model(input_ids=torch.tensor([[8, 9]])).logits[0]
+    torch.testing.assert_close(padded[1, :2], alone, atol=1e-5, rtol=1e-4)
 
 
 def test_flattened_collate_is_one_padding_free_row():

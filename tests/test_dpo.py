@@ -65,7 +65,7 @@ def test_pair_collate_puts_chosen_rows_first_then_rejected():
                                                 [4, 8, 8, 8]]
     assert out["row_index"][:, :5].tolist() == [[0, 0, 0, -1, -1], [1, 1, -1, -1, -1],
                                                 [2, 2, -1, -1, -1], [3, 3, 3, 3, -1]]
-    assert out["position_ids"][1].tolist() == [0, 1, 0, 1, 2, 3, 4, 5]  # padding: own document
+    assert out["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # one document: no mask
     assert out["sample_id"].tolist() == [7, 3]
     flat = PairCollate(pad_id=0, flatten=True)(_pairs_batch())  # flash_attention_2
     assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 1, 9, 4, 8, 8, 8]]

@@ -44,8 +44,11 @@ class PackedCollate:
     Documents are told apart by their `position_ids` restarting at 0; transformers then
     keeps them from attending to each other. Without an `attention_mask` argument:
     - `flatten=False` (sdpa, eager): rows are right-padded to a common width (multiple of
-      `multiple`); the padding is one more pseudo-document with positions 0, 1, ... and
-      label -100, so it is neither attended to by real tokens nor trained on.
+      `multiple`); the padding continues the last document's positions with label -100:
+      causal attention keeps real tokens from seeing it, and a batch whose rows each hold
+      one document (DPO pairs, packing off) has no restart in its positions, so
+      transformers runs plain causal attention with no mask tensor (the fast kernels, and
+      none of the masked-SDPA backward paths that gave NaN gradients on H100).
     - `flatten=True` (flash_attention_2): the whole batch becomes one row of shape
       [1, total tokens] with no padding at all (transformers' varlen path needs batch 1).
     Rows without a `position_ids` column (packing off) count as one document each.
@@ -76,6 +79,9 @@ class PackedCollate:
 
 
 def _pad(row: np.ndarray, width: int, fill: int | None) -> np.ndarray:
-    """`row` right-padded to `width` with `fill`, or with 0, 1, 2, ... when fill is None."""
-    tail = np.arange(width - len(row)) if fill is None else np.full(width - len(row), fill)
+    """`row` right-padded to `width` with `fill`, or when fill is None (positions) with the
+    positions that continue its last one."""
+    start = (int(row[-1]) + 1 if len(row) else 0) if fill is None else 0
+    tail = (np.arange(start, start + width - len(row)) if fill is None
+            else np.full(width - len(row), fill))
     return np.concatenate([row, tail.astype(np.int64)])

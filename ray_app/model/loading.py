@@ -73,6 +73,8 @@ def apply_speedups(model, model_cfg: ModelSection, activation_checkpointing, use
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model)
+        # Read by evaluation: Liger's forward then computes the loss without full logits.
+        model.fused_linear_loss = True
     layers = decoder_layers(model)
     if activation_checkpointing != "none":
         # transformers' per-layer switch keeps module names (and so adapter keys) unchanged.

@@ -90,7 +90,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return _optimizer_step(engine, micro, autocast, world, device)
 
         def evaluate() -> dict[str, float]:
-            return _eval_metrics(_eval_loss(engine.model, eval_shard, eval_collate,
+            return _eval_metrics(_eval_loss(engine, eval_shard, eval_collate,
                                             t.batch_size_per_worker, device, autocast)
                                  if eval_shard else None)
 
@@ -262,14 +262,18 @@ def _optimizer_step(engine, micro, autocast, world, device):
 
 
 @torch.no_grad()
-def _eval_loss(model, shard, collate, batch_size, device, autocast) -> float:
+def _eval_loss(engine, shard, collate, batch_size, device, autocast) -> float:
+    model = engine.model
+    # Liger's fused loss skips the logits only in training mode unless told to; without it
+    # evaluation would hold a (batch, seq, vocab) tensor, the largest of the run.
+    extra = {"skip_logits": True} if getattr(engine.peft_model, "fused_linear_loss", False) else {}
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)
     for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
                                           device=device):
         batch.pop(REAL_TOKENS, None)
         with autocast:
-            out = model(**batch, num_items_in_batch=1)
+            out = model(**batch, num_items_in_batch=1, **extra)
         sums[0] += float(out.loss)
         sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
     if dist.is_initialized():

@@ -74,6 +74,19 @@ class ProgressHub:
         return out
 
 
+
+def start_hub(run_name: str):
+    """A ProgressHub on the caller's own node: placed by Ray's default it could land on a
+    worker node, and a preempted worker node would then take the run's record with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - no node id (e.g. a Ray client session): Ray places it
+        return ProgressHub.remote(run_name)
+    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return ProgressHub.options(scheduling_strategy=strategy).remote(run_name)
+
 class FailureRecorder(UserCallback):
     """Runs in Ray Train's controller: forwards every worker-group failure to the hub."""
 

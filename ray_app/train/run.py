@@ -23,7 +23,7 @@ from ray_app.train.identity import check_run_identity
 from ray_app.train.loop import train_loop_per_worker
 from ray_app.train.plan import plan_steps
 from ray_app.train.preemption import PreemptibleTorchConfig
-from ray_app.train.progress import FailureRecorder, ProgressDisplay, ProgressHub
+from ray_app.train.progress import FailureRecorder, ProgressDisplay, start_hub
 from ray_app.train.trace import trace_folder
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
@@ -89,7 +89,7 @@ def run_training(cfg: Config, console: Console) -> dict[str, Any]:
     console.print(f"Training {plan.total_steps} steps on {world} "
                   f"{'GPU' if cfg.scaling.use_gpu else 'CPU'} worker(s); "
                   f"checkpoints in {cfg.storage_uri()}/{cfg.run.name}")
-    hub = ProgressHub.remote(cfg.run.name)
+    hub = start_hub(cfg.run.name)
     trainer = build_trainer(cfg, data, plan.to_dict(), hub)
     with ProgressDisplay(hub, plan.total_steps, console):
         result = fit(trainer)

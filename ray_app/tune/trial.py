@@ -21,7 +21,7 @@ from ray_app.data.pipeline import PreparedData
 from ray_app.summary import write_summary
 from ray_app.train.identity import check_run_identity
 from ray_app.train.plan import plan_steps
-from ray_app.train.progress import ProgressHub
+from ray_app.train.progress import start_hub
 from ray_app.train.run import build_trainer, finish, fit
 from ray_app.tune.space import trial_config
 
@@ -68,7 +68,7 @@ def run_trial(values: dict[str, Any], setup: StudySetup) -> None:
     data = setup.data
     plan = plan_steps(cfg, data.report.train_sequences, data.report.eval_records,
                       cfg.scaling.num_workers)
-    hub = ProgressHub.remote(cfg.run.name)
+    hub = start_hub(cfg.run.name)
     trainer = build_trainer(cfg, data, plan.to_dict(), hub,
                             callbacks=(MetricForwarder(setup.metric),))
     result = fit(trainer)
