@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on this machine (`ray start --head` + two worker nodes,
 each with one `trainer` slot), driven the way users drive one:
 
-- `ray job submit` of the training entrypoint, with its progress in the job logs;
+- `ray job submit` of the training entrypoint, with its progress in the job logs and its
+  training metrics on the head node's Prometheus endpoint;
 - `ray-app submit`, which follows the job and exits with its status;
 - a Ray client session (`ray://`) that runs the data report;
 - chaos: mid-run one worker node's raylet is killed (a spot node vanishing) and later a
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -27,6 +29,7 @@ import pytest
 import yaml
 from support import tiny_config
 
+from ray_app.train.progress import RAY_METRICS
 from ray_app.train.trace import committed_steps
 
 pytestmark = pytest.mark.ray
@@ -60,6 +63,7 @@ class LocalCluster:
         # three 1-CPU nodes takes minutes) and reused from its cache by every later job.
         self.storage = root / "storage"
         self.nodes: dict[str, subprocess.Popen] = {}
+        self.metrics_ports: dict[str, int] = {}  # each node's Prometheus endpoint
         self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
 
@@ -78,6 +82,7 @@ class LocalCluster:
         if "--head" not in args:
             cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        self.metrics_ports[name] = metrics
         alive = self.alive_nodes() if self.nodes else 0  # lost nodes no longer count
         self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log)
         try:
@@ -102,6 +107,15 @@ class LocalCluster:
         """The ends of this cluster's session logs matching `pattern`, for failure messages."""
         return "\n".join(f"--- {f.name}:\n{f.read_text(errors='replace')[-chars:]}"
                          for f in sorted(self.temp.glob(f"session_*/logs/{pattern}")))
+
+    def metrics(self, node: str) -> str:
+        """The node's Prometheus endpoint, as the dashboard's metrics view scrapes it."""
+        url = f"http://127.0.0.1:{self.metrics_ports[node]}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read().decode()
+        except OSError:
+            return ""
 
     def alive_nodes(self) -> int:
         out = self.ray("list", "nodes", "--format=json", "--filter", "state=ALIVE", check=False)
@@ -254,6 +268,12 @@ def test_losing_a_worker_node_costs_at_most_one_checkpoint_interval(
         cluster, small_data, tokenized, tmp_path_factory, capsys):
     straight_tmp = tmp_path_factory.mktemp("straight")
     job = _submit(cluster, straight_tmp, small_data, "straight")
+    # While it trains, its metrics are on the head's endpoint (the driver's node, where the
+    # run's progress actor lives), labelled with the run name.
+    loss_metric = f"ray_{RAY_METRICS['loss']}{{"  # Ray's Prometheus prefix: ray_
+    cluster.wait_for(lambda: any(ln.startswith(loss_metric) and 'run="straight"' in ln
+                                 for ln in cluster.metrics("head").splitlines()),
+                     420, "the training loss on the head's metrics endpoint")
     _wait_job(cluster, job, 600)
     assert "step 16/16" in cluster.ray("job", "logs", job)  # progress in the job's logs
     straight = _summary(straight_tmp, "straight")
