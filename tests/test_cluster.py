@@ -56,6 +56,9 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(root / "home"),
                     "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                    # The head starts one client server per Ray client session and waits 30 s
+                    # for it by default; on 2 busy cores that start can take longer.
+                    "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180",
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         (root / "home").mkdir(parents=True, exist_ok=True)
         self.temp = root / "ray"  # short: socket paths have a length limit
