@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
     register_eval(sub)
     register_merge(sub)
+    register_estimate(sub)
     try:
         from ray_app.k8s.cli import register as register_k8s
     except ImportError:
@@ -206,6 +207,57 @@ def cmd_merge(args, console: Console) -> int:
                   f"Check passed: max |logit difference| to base + adapter "
                   f"{result.max_abs_diff:.3g} (allowed {result.allowed:.3g}).", highlight=False)
     return 0
+
+
+def register_estimate(sub) -> None:
+    est = sub.add_parser(
+        "estimate", help="Per-GPU memory of a training run (weights, adapter, gradients, "
+        "optimizer, activations, logits, buffers) and the settings that make it fit; reads "
+        "only the model's config, no weights, no GPU needed.")
+    est.add_argument("config", nargs="?", help="YAML config; absent = the built-in quickstart.")
+    est.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY.PATH=VALUE", help="Override a config key, e.g. lora.r=64.")
+    est.add_argument("--model", help="Hub id, local folder or config.json; default: the "
+                     "config's model.name_or_path.")
+    est.add_argument("--method", choices=["full", "lora", "qlora"],
+                     help="Default: qlora when model.quantization is nf4, else lora.")
+    est.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed"],
+                     help="Default: scaling.strategy.")
+    est.add_argument("--gpus", type=int, help="GPUs = workers; default: scaling.num_workers.")
+    est.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                     help="Memory of one GPU (default: 80, an H100).")
+    est.add_argument("--batch", type=int, help="Sequences per micro-batch and GPU; default: "
+                     "train.batch_size_per_worker.")
+    est.add_argument("--seq-len", type=int, help="Default: data.max_seq_len.")
+    est.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    est.set_defaults(func=cmd_estimate)
+
+
+def cmd_estimate(args, console: Console) -> int:
+    import json
+
+    from ray_app.config import load_config
+    from ray_app.estimate import estimate, plan_from_config, recommend, to_json
+    from ray_app.estimate_report import liger_supported, model_shape, render
+
+    cfg = load_config(args.config, args.overrides)
+    for name in ("gpus", "batch", "seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.gpu_memory_gib <= 0:
+        raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}")
+    shape = model_shape(cfg, args.model)
+    plan = plan_from_config(cfg, liger_auto=liger_supported(shape.model_type), method=args.method,
+                            strategy=args.strategy, gpus=args.gpus, batch=args.batch,
+                            seq_len=args.seq_len)
+    est = estimate(shape, plan)
+    rec = recommend(shape, plan, args.gpu_memory_gib)
+    if args.json:
+        print(json.dumps(to_json(shape, plan, est, rec), indent=1))
+    else:
+        render(shape, plan, est, rec, args.gpu_memory_gib, console)
+    return 0 if rec.fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:

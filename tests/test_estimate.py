@@ -1,0 +1,191 @@
+"""`ray-app estimate`: the memory arithmetic against what PyTorch keeps, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_app.cli import main
+from ray_app.estimate import GIB, Plan, adapter_params, estimate, recommend, shape_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def llama_8b_folder(tmp_path_factory) -> Path:
+    """A Llama-3.1-8B config (no weights): what `--model` reads from a checkpoint folder."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama8b")
+    LlamaConfig(**LLAMA_8B).save_pretrained(folder)
+    return folder
+
+
+def small_llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+
+
+def run_json(capsys, *args: str) -> tuple[int, dict]:
+    """`ray-app estimate --json` on the quickstart config at 2048 tokens per sequence."""
+    rc = main(["estimate", "--seq-len", "2048", *args, "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_parameter_counts_match_the_model_and_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    config = small_llama()
+    shape = shape_of(config, "small")
+    model = LlamaForCausalLM(config)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    for targets in ("all-linear", ("q_proj", "v_proj")):
+        peft = get_peft_model(LlamaForCausalLM(config), LoraConfig(
+            r=8, target_modules=targets if targets == "all-linear" else list(targets)))
+        trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+        assert adapter_params(shape, Plan(lora_r=8, lora_targets=targets)) == trainable
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")])
+def test_activations_match_what_autograd_saves_for_a_decoder_layer(targets):
+    """Bytes saved for backward by one LoRA decoder layer under bf16 autocast (the GPU
+    training path; HF kernels, as without Liger), against the estimate's count."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    config = small_llama()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(
+        r=8, lora_dropout=0.0, target_modules=targets if targets == "all-linear" else list(targets)))
+    model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    batch, seq = 2, 128
+    inner = model.base_model.model.model
+    x = torch.randn(batch, seq, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(seq)[None].expand(batch, seq)
+    rope = inner.rotary_emb(x, positions)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        inner.layers[0](x, position_embeddings=rope, position_ids=positions)
+    measured = sum(saved.values())
+
+    shape = shape_of(config, "small")
+    plan = Plan(lora_r=8, lora_targets=targets, lora_dropout=0.0, liger=False, seq_len=seq,
+                batch=batch)
+    est = estimate(shape, plan)
+    per_layer = (est.parts["activations"]) / shape.layers
+    copies = adapter_params(shape, plan) * 2 / shape.layers  # bf16 adapter copies
+    assert measured == pytest.approx(per_layer + copies, rel=0.05)
+
+
+def test_8b_figures_follow_the_method_and_strategy(llama_8b_folder, capsys):
+    rc, lora = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "1", "--batch", "1")
+    assert rc == 0
+    params = lora["params"]
+    assert params == pytest.approx(8.03e9, rel=0.01)
+    gib = lora["gib_per_gpu"]
+    assert gib["weights"] == pytest.approx(params * 2 / GIB, rel=0.01)  # bf16
+    _, qlora = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "1", "--batch", "1",
+                        "--method", "qlora")
+    # NF4 linears (~0.52 B/param) with bf16 embeddings and lm_head: 5.3 GiB for 8B.
+    assert 5.0 < qlora["gib_per_gpu"]["weights"] < 5.6
+    _, fsdp = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "4", "--batch", "1",
+                       "--strategy", "fsdp")
+    assert fsdp["gib_per_gpu"]["weights"] < gib["weights"] / 3  # a quarter + gathered layers
+    _, full = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "1", "--batch", "1",
+                       "--method", "full")
+    assert full["gib_per_gpu"]["optimizer"] == pytest.approx(params * 8 / GIB, rel=0.01)
+
+
+def test_checkpointing_and_fused_loss_shrink_their_parts():
+    from transformers import LlamaConfig
+
+    shape = shape_of(LlamaConfig(**LLAMA_8B), "8b")
+    plan = Plan(batch=4, seq_len=2048, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    base = estimate(shape, plan).parts
+    ckpt = estimate(shape, replace(plan, checkpointing="all")).parts
+    every2 = estimate(shape, replace(plan, checkpointing=2)).parts
+    assert ckpt["activations"] < every2["activations"] < base["activations"]
+    assert ckpt["activations"] < base["activations"] / 10
+    unfused = estimate(shape, replace(plan, liger=False)).parts
+    # Full logits: bf16, fp32 copy, fp32 log-softmax and its gradient for 8192 tokens.
+    assert unfused["logits"] == 4 * 2048 * 128256 * 12
+    assert base["logits"] < unfused["logits"] / 10
+
+
+def test_recommendation_fits_the_gpu_and_names_config_keys(llama_8b_folder, capsys):
+    rc, out = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "1", "--batch", "8",
+                       "--gpu-memory-gib", "80")
+    rec = out["recommendation"]
+    assert out["gib_per_gpu"]["peak"] > 80 * 0.9  # batch 8 without checkpointing: too big
+    assert rc == 0 and rec["fits"]
+    assert "train.activation_checkpointing" in rec["changes"]
+    assert rec["gib_per_gpu"]["peak"] <= 80 * 0.9
+    # A 16 GiB GPU cannot hold the bf16 8B base (15 GiB): it needs the 4-bit one.
+    rc, out = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "1", "--batch", "4",
+                       "--gpu-memory-gib", "16")
+    assert rc == 0 and out["recommendation"]["changes"]["model.quantization"] == "nf4"
+    # Nothing fits in 4 GiB: exit code 1 and a plain statement of it.
+    rc = main(["estimate", "--model", str(llama_8b_folder), "--gpus", "1", "--seq-len", "2048",
+               "--gpu-memory-gib", "4"])
+    assert rc == 1
+    assert "Does not fit" in capsys.readouterr().out
+
+
+def test_settings_that_fit_are_kept_unless_a_faster_one_fits():
+    from transformers import LlamaConfig
+
+    shape = shape_of(LlamaConfig(**LLAMA_8B), "8b")
+    rec = recommend(shape, Plan(method="qlora", batch=1), gpu_gib=80)
+    assert rec.fits and rec.changes == {}
+    # Recomputation that the memory does not need is turned off: it costs a third of a step.
+    rec = recommend(shape, Plan(method="qlora", batch=1, checkpointing="all"), gpu_gib=80)
+    assert rec.changes == {"train.activation_checkpointing": "none"}
+    assert rec.why.startswith("the given settings fit; these are faster")
+
+
+def test_the_quickstart_config_and_a_table(capsys):
+    assert main(["estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin:tiny-llama" in out and "activations" in out and "training peak" in out
+
+
+def test_a_model_that_cannot_be_read_gets_a_clear_error(tmp_path, capsys):
+    assert main(["estimate", "--model", str(tmp_path / "missing")]) == 2
+    assert "Cannot load the base model config" in capsys.readouterr().out
+    assert main(["estimate", "--batch", "0"]) == 2
+    assert "--batch must be at least 1" in capsys.readouterr().out
+
+
+def test_estimate_stays_within_15_percent_of_the_measured_training_peaks():
+    """The GPU runs whose training peak was measured apart from evaluation
+    (bench/results/gpu_throughput.json, H100)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from estimate_check import check
+
+    rows = json.loads((REPO / "bench/results/gpu_throughput.json").read_text())
+    train = [r for r in check(rows) if r["compared"] == "train peak"]
+    assert len(train) >= 4
+    for row in train:
+        assert abs(row["error"]) <= 0.15, row
