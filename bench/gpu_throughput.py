@@ -355,7 +355,9 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                 seq: int, steps: int, warmup_steps: int, log_every: int, compile_: bool,
                 liger: str, quantization: str, checkpointing: str | int,
                 optimizer: str = "auto", attn: str = "sdpa",
-                use_gpu: bool = True) -> dict[str, Any]:
+                use_gpu: bool = True, num_workers: int = 1, strategy: str = "ddp",
+                worker_cpus: float | None = None, checkpoint_every: int = 10_000,
+                max_failures: int = 0) -> dict[str, Any]:
     import ray
     import ray.data
     from rich.console import Console
@@ -379,13 +381,14 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                  "eval_fraction": 0.0, "format": "text",
                  "max_seq_len": seq, "truncation": "right", "packing": True},
         "train": {"max_steps": steps, "batch_size_per_worker": batch, "grad_accum_steps": 1,
-                  "log_every": log_every, "eval_every": 0, "checkpoint_every": 10_000,
+                  "log_every": log_every, "eval_every": 0, "checkpoint_every": checkpoint_every,
                   "activation_checkpointing": checkpointing, "optimizer": optimizer,
                   "warmup_ratio": 0.0, "schedule": "constant"},
-        "scaling": {"num_workers": 1, "use_gpu": use_gpu, "strategy": "ddp",
-                    "resources_per_worker": {"CPU": 4, "GPU": 1} if use_gpu else {"CPU": 1}},
+        "scaling": {"num_workers": num_workers, "use_gpu": use_gpu, "strategy": strategy,
+                    "resources_per_worker": ({"CPU": worker_cpus or 4, "GPU": 1} if use_gpu
+                                             else {"CPU": worker_cpus or 1})},
         "run": {"name": name, "storage_path": str(work / "storage"),
-                "output_dir": str(work / "outputs" / name), "max_failures": 0},
+                "output_dir": str(work / "outputs" / name), "max_failures": max_failures},
     }
     cfg = validate_config(raw, source=f"bench {name}")
     peak_file = work / f"peak_{name}.json"
@@ -430,6 +433,9 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
         "data_sequences": summary["data"].get("train_sequences")
         or summary["data"].get("train_records"),
         "packing_efficiency": summary["data"].get("packing_efficiency"),
+        "restarts": summary["train"].get("restarts", 0),
+        "restart_history": summary["train"].get("restart_history"),
+        "final_step": summary["train"].get("steps"),
     }
 
 

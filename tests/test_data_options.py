@@ -101,6 +101,18 @@ def test_exact_duplicates_across_shards_are_counted_not_trained(prepared):
     assert docs == 45 - 11 + 3 * 11  # qa.jsonl weighted 3x; duplicates gone
 
 
+def test_duplicates_found_in_the_driver_and_by_a_ray_shuffle_agree(prepared, monkeypatch):
+    """Small datasets find duplicates in the driver, large ones through a Ray Data groupby."""
+    from ray_app.data import pipeline
+
+    data, _ = prepared
+    in_driver = pipeline.find_duplicates(data.records_path)
+    monkeypatch.setattr(pipeline, "DRIVER_DEDUP_MAX_RECORDS", 0)
+    shuffled = pipeline.find_duplicates(data.records_path)
+    assert len(in_driver) == data.report.duplicates == 3
+    assert np.array_equal(in_driver, shuffled)
+
+
 def test_rejects_name_source_line_and_reason(prepared):
     data, tmp = prepared
     rejects = [json.loads(x) for x in (tmp / "rejects/rejects.jsonl").read_text().splitlines()]

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -40,6 +43,10 @@ PIPELINE_VERSION = "3"  # bump when the tokenized output of the same inputs chan
 COUNT_KEYS = ["source", "status", "reason", "split", "format"]
 TOKENIZE_BATCH = 256
 PACK_BATCH = 4096  # records packed together: larger fills sequences better
+# Up to this many records the driver finds duplicates itself from the hash column (about
+# 40 bytes a record, so 80 MB at most); above it a Ray Data shuffle does, with bounded
+# memory everywhere but seconds of fixed cost that dominate small datasets.
+DRIVER_DEDUP_MAX_RECORDS = 2_000_000
 
 
 @dataclass
@@ -61,7 +68,7 @@ class PreparedData:
             raise ValueError(f"split must be 'train' or 'eval', got {name!r}")
         columns = (list(PAIR_COLUMNS) if self.report.pairs
                    else ["input_ids", "labels"] + (["position_ids"] if name == "train" else []))
-        return ray.data.read_parquet(f"{self.path}/{name}", columns=columns)
+        return ray.data.read_parquet(f"{self.path}/{name}").select_columns(columns)
 
     def train_stream(self) -> TrainStream:
         """The train sequences in the reproducible per-rank order of `ray_app.data.order`."""
@@ -162,15 +169,14 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
         .write_parquet(records))
 
     clock.lap("read_tokenize_write")
-    duplicates = (find_duplicates(records, _partitions(records)) if data.dedup
-                  else np.zeros(0, np.int64))
+    duplicates = find_duplicates(records) if data.dedup else np.zeros(0, np.int64)
     clock.lap("dedup")
     files = {s.path: SourceCounts(s.path, format="" if s.meta.format == "auto" else s.meta.format,
                                   weight=s.weight) for s in shards}
     report = report_from_counts(scan_records(records, duplicates, f"{cache}/rejects.jsonl"), files)
     clock.lap("count_and_rejects")
     weights = {s.meta.source_id: s.weight for s in shards}
-    accepted = (ray.data.read_parquet(records, columns=[
+    accepted = (ray.data.read_parquet(records).select_columns([
         "source_id", "origin", "status", "split", "content_hash", *PAIR_COLUMNS[:2 + 2 * pairs]])
         .filter(expr=col("status") == "accepted"))
     for name, packing, count in (("train", data.packing and not pairs, report.train_records),
@@ -191,8 +197,8 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
     report.max_seq_len = data.max_seq_len
     report.train_sequences = sum(c.rows for c in chunks)
     if report.train_sequences:
-        report.sequence_tokens = int(ray.data.read_parquet(
-            f"{cache}/train", columns=["num_tokens"]).sum("num_tokens"))
+        report.sequence_tokens = sum(int(pc.sum(b["num_tokens"]).as_py() or 0)
+                                     for b in parquet_batches(f"{cache}/train", ["num_tokens"]))
         slots = report.train_sequences * data.max_seq_len * (2 if pairs else 1)
         report.packing_efficiency = report.sequence_tokens / slots
     clock.lap("pack_write")
@@ -231,24 +237,55 @@ def tokenize_pool_size(data) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _partitions(records: str) -> int:
-    """Shuffle partitions for dedup: one per million records, at least one per CPU (the
-    default of 200 costs seconds of fixed overhead on small data)."""
+def parquet_batches(uri: str, columns: list[str], batch_size: int = 65536):
+    """Streams `columns` of the Parquet files under `uri` in the driver, a batch at a time:
+    cheaper than a Ray Data pass for the small columns the report and dedup read."""
+    fs, root = storage.filesystem(uri)
+    dataset = pads.dataset(root, filesystem=fs, format="parquet")
+    yield from dataset.to_batches(columns=columns, batch_size=batch_size)
+
+
+def _record_count(records: str) -> int:
     fs, root = storage.filesystem(records)
     rows = 0
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if info.path.endswith(".parquet"):
             with fs.open_input_file(info.path) as f:
                 rows += pq.ParquetFile(f).metadata.num_rows
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(cpus, min(rows // 1_000_000 + 1, 1000))
+    return rows
 
 
-def find_duplicates(records: str, partitions: int) -> np.ndarray:
+def find_duplicates(records: str) -> np.ndarray:
     """Sorted origins of every accepted record whose content an earlier record (smaller
-    origin: eval shards first, then shard and line order) already has. Only the hash and
+    origin: eval shards first, then shard and line order) already has."""
+    rows = _record_count(records)
+    if rows <= DRIVER_DEDUP_MAX_RECORDS:
+        return _duplicates_in_driver(records)
+    # One shuffle partition per million records, at least one per CPU (Ray's default of 200
+    # costs seconds of fixed overhead).
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return _duplicates_by_shuffle(records, max(cpus, min(rows // 1_000_000 + 1, 1000)))
+
+
+def _duplicates_in_driver(records: str) -> np.ndarray:
+    parts = []
+    for batch in parquet_batches(records, ["status", "content_hash", "origin"]):
+        batch = batch.filter(pc.equal(batch["status"], "accepted"))
+        parts.append(pa.table({"h": batch["content_hash"], "o": batch["origin"]}))
+    table = pa.concat_tables(parts).sort_by([("h", "ascending"), ("o", "ascending")])
+    if table.num_rows < 2:
+        return np.zeros(0, np.int64)
+    hashes = table["h"]
+    later = pc.equal(hashes.slice(1), hashes.slice(0, table.num_rows - 1))
+    origins = pc.filter(table["o"].slice(1), later).to_numpy().astype(np.int64)
+    return np.sort(origins)
+
+
+def _duplicates_by_shuffle(records: str, partitions: int) -> np.ndarray:
+    """The same as _duplicates_in_driver through a Ray Data groupby: only the hash and
     origin columns are shuffled; the driver holds 8 bytes per duplicate."""
-    later = (ray.data.read_parquet(records, columns=["status", "content_hash", "origin"])
+    later = (ray.data.read_parquet(records)
+             .select_columns(["status", "content_hash", "origin"])
              .filter(expr=col("status") == "accepted")
              .select_columns(["content_hash", "origin"])
              .groupby("content_hash", num_partitions=partitions)
@@ -274,8 +311,8 @@ def scan_records(records: str, duplicates: np.ndarray, rejects_uri: str) -> list
     fs, path = storage.filesystem(rejects_uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as out:
-        for batch in ray.data.read_parquet(records, columns=columns).iter_batches(
-                batch_format="pandas", batch_size=65536):
+        for arrow_batch in parquet_batches(records, columns):
+            batch = arrow_batch.to_pandas()
             if len(duplicates):
                 batch.loc[batch["origin"].isin(duplicates), "status"] = "duplicate"
             bad = batch[batch["status"] == "rejected"]
