@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shlex
-import signal
 import sys
 import threading
 import time
@@ -124,26 +122,29 @@ class WorkerKiller(threading.Thread):
         self.killed: dict[str, Any] = {}
         self.stop = threading.Event()
 
-    def _alive(self) -> list[Any]:
-        from ray.util.state import list_actors
+    @staticmethod
+    def _alive() -> list[Any]:
+        """Ray Train worker processes on this node (Ray titles them ray::RayTrainWorker...)."""
+        import psutil
 
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if "TrainWorker" in (a.class_name or "")]
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if cmdline.startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        return found
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            alive = self._alive()
-            if len(alive) >= self.workers:
-                break
-            time.sleep(2)
+        while not self.stop.is_set() and len(self._alive()) < self.workers:
+            time.sleep(1)
         if self.stop.wait(self.after_s):
             return
         alive = self._alive()
         if alive:
             victim = alive[-1]
-            os.kill(victim.pid, signal.SIGKILL)
+            victim.kill()
             self.killed = {"pid": victim.pid, "at": time.time()}
-            print(f"killed worker pid {victim.pid}", flush=True)
+            print(f"killed Ray Train worker pid {victim.pid}", flush=True)
 
 
 def run_one(args, key: str, model_dir: Path, data_file: Path, work: Path, gpus: int,
@@ -197,16 +198,21 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
              "tokens/s(N) / (N x tokens/s(1)) against the 1-GPU row of the same model and "
              "method. MFU per GPU against the bf16 matmul rate of the same run."), "",
              ("| model | method | strategy | GPUs | batch/GPU | tokens/s | per GPU | scaling | MFU "
-             "| peak GiB | restarts | device | date |"),
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| peak GiB | worker killed: resumed from step, steps lost, recovery s | device | date |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         base = one.get((r["model"], r["method"]))
-        eff = f"{r['tokens_per_s'] / (r['gpus'] * base):.1%}" if base else "-"
+        killed = r.get("killed_worker") is not None
+        eff = f"{r['tokens_per_s'] / (r['gpus'] * base):.1%}" if base and not killed else "-"
+        restarts = "; ".join(f"{x['resumed_from_step']}, {x['steps_lost']}, {x['recovery_s']}"
+                             for x in r.get("restart_history") or [])
+        if killed:
+            restarts = restarts or ("no restart" if r["killed_worker"] else "not killed")
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         lines.append(f"| {r['model']} | {r['method']} | {r['strategy']} | {r['gpus']} | "
                      f"{r['batch']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} "
-                     f"| {eff} | {mfu} | {peak} | {r.get('restarts', 0)} | {r['device']} | "
+                     f"| {eff} | {mfu} | {peak} | {restarts or '-'} | {r['device']} | "
                      f"{r['date']} |")
     commands = sorted({r["command"] for r in rows})
     lines += ["", "Commands:", "", *[f"    {c}" for c in commands]]
@@ -234,7 +240,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.cpu_smoke:
         args.model, args.seq, args.batch = "tiny", 64, 2
-        args.steps, args.warmup = min(args.steps, 6), min(args.warmup, 2)
+        args.steps, args.warmup = min(args.steps, 12), min(args.warmup, 2)
     gpu_counts = [int(g) for g in args.gpus.split(",")]
     if args.cpu_smoke:
         gpu_counts = [g for g in gpu_counts if g <= 2] or [1]

@@ -47,6 +47,7 @@ def test_worker_failure_resumes_exactly_where_the_uninterrupted_run_would_be(
     [restart] = train["restart_history"]
     assert "injected failure at step 5" in restart["cause"]
     assert restart["resumed_from_step"] == 4 and restart["recovery_s"] > 0
+    assert restart["steps_lost"] == 0  # step 5 failed before it was reported
     steps = committed_steps(tmp_path / "storage" / "crashy" / "sample_trace")
     expected_summary, expected_steps = straight
     assert steps == expected_steps and sorted(steps) == list(range(1, STEPS + 1))
@@ -54,6 +55,29 @@ def test_worker_failure_resumes_exactly_where_the_uninterrupted_run_would_be(
     assert len(trained) == len(set(trained)) == STEPS * 4 * 2  # none repeated, none skipped
     assert summary["eval"]["loss_final"] == pytest.approx(expected_summary["eval"]["loss_final"],
                                                           rel=0.02)
+
+
+def test_restart_history_counts_lost_steps_and_restarts_before_any_checkpoint(ray_cluster):
+    """The hub's record of restarts, from the events the workers and the failure callback
+    send: a failure after step 7 with the last checkpoint at 4 loses 3 steps; one before
+    the first checkpoint starts over from step 0 and still counts as a restart."""
+    import ray
+
+    from ray_app.train.progress import ProgressHub
+
+    hub = ProgressHub.remote("history")
+    events = [{"step": 0}, {"step": 4}, {"step": 7}]
+    for event in events:
+        ray.get(hub.update.remote(event))
+    ray.get(hub.failure.remote("worker died"))
+    ray.get(hub.update.remote({"step": 4, "resumed": True, "world_size": 2}))
+    ray.get(hub.update.remote({"step": 5}))
+    ray.get(hub.failure.remote("node lost"))
+    ray.get(hub.update.remote({"step": 0, "world_size": 1}))  # no checkpoint: a fresh attempt
+    first, second = ray.get(hub.restarts.remote())
+    assert (first["cause"], first["resumed_from_step"], first["steps_lost"]) == ("worker died", 4, 3)
+    assert (second["cause"], second["resumed_from_step"], second["steps_lost"]) == ("node lost", 0, 5)
+    ray.kill(hub)
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_the_run_goes_on(

@@ -54,23 +54,28 @@ class ProgressHub:
         return self.history[index:]
 
     def restarts(self) -> list[dict[str, Any]]:
-        """One entry per resume: its cause (the failures seen before it), the step it
-        resumed from, the workers it resumed with and the recovery time."""
-        out, pending = [], []
+        """One entry per restart: its cause (the failures seen before it), the step it
+        resumed from (0 when no checkpoint existed yet), the steps lost, the workers it
+        resumed with and the recovery time."""
+        out, pending, last_step = [], [], 0
         for event in self.history:
             if event.get("event") == "failure":
                 pending.append(event)
-            elif event.get("resumed"):
+                continue
+            if event.get("resumed") or pending:
                 first = pending[0] if pending else None
+                resumed_from = event.get("step", 0) if event.get("resumed") else 0
                 out.append({
                     "cause": "; ".join(dict.fromkeys(e["cause"] for e in pending))
                     or "driver restarted: the run was resumed from storage",
-                    "resumed_from_step": event.get("step"),
+                    "resumed_from_step": resumed_from,
+                    "steps_lost": max(0, last_step - resumed_from) if pending else 0,
                     "world_size": event.get("world_size"),
                     "recovery_s": round(event["time"] - first["time"], 1) if first else None,
                     "warnings": event.get("warnings") or [],
                 })
                 pending = []
+            last_step = event.get("step", last_step) or last_step
         return out
 
 

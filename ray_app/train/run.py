@@ -151,6 +151,7 @@ def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub,
 
 def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[str, Any]:
     metrics = result.metrics or {}
+    history = ray.get(hub.restarts.remote())
     summary: dict[str, Any] = {
         "status": "failed" if result.error else "succeeded",
         "data": data.report.to_dict(),
@@ -159,8 +160,9 @@ def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[s
             "tokens_seen": metrics.get("tokens_seen", 0),
             "tokens_per_s": (metrics.get("tokens_seen", 0) / metrics["train_seconds"]
                              if metrics.get("train_seconds") else None),
-            "restarts": metrics.get("restarts", 0),
-            "restart_history": ray.get(hub.restarts.remote()),
+            # A restart before the first checkpoint starts over, so only the history sees it.
+            "restarts": max(metrics.get("restarts", 0), len(history)),
+            "restart_history": history,
             "resumed_from_step": metrics.get("start_step", 0),
             "tokens_per_s_per_worker_last": metrics.get("tokens_per_s_per_worker"),
             "mfu_last": metrics.get("mfu"),
