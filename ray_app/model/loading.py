@@ -51,7 +51,19 @@ def load_base(model_cfg: ModelSection, use_gpu: bool, device: torch.device | Non
         trust_remote_code=model_cfg.trust_remote_code, **extra,
     )
     model.requires_grad_(False)
+    if model_cfg.quantization == "nf4":
+        _keep_standard_4bit_layout(model)
     return model
+
+
+def _keep_standard_4bit_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first
+    time it runs without gradients (evaluation), and that repacking fails for layer sizes
+    that are not a multiple of its block size. Training, checkpoints and merge all expect
+    the standard layout, so the repacking is switched off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def use_liger(model_cfg: ModelSection, model_type: str, use_gpu: bool) -> bool:
