@@ -16,8 +16,8 @@ arithmetic on their config fields, so treat their figure as rough.
   Liger), the rotated q and k, v and the attention output (SDPA/FlashAttention keep no
   score matrix; eager keeps heads*seq per token), the MLP's gate and up outputs (plus the
   SiLU output without Liger), and per adapted linear a bf16 copy of its input (the fp32
-  adapter under autocast) plus LoRA dropout's mask. A checkpointed layer keeps only its input; the backward pass
-  recomputes one layer at a time.
+  adapter under autocast) plus LoRA dropout's mask. A checkpointed layer keeps only its
+  input; the backward pass recomputes one layer at a time.
 - logits: without Liger's fused linear cross-entropy, tokens*vocab*(2 bf16 + 4 fp32 copy +
   4 log-softmax + 2 gradient) B (evaluation, without gradient: 10 B); with it, one chunk
   of rows at a time.
@@ -55,7 +55,6 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
-    tied_embeddings: bool
     # (module name, in_features, out_features) of one decoder layer's linear layers.
     layer_linears: tuple[tuple[str, int, int], ...]
     other_params: int  # embeddings, lm_head (if untied), norms
@@ -145,7 +144,7 @@ def shape_of(config, name: str = "") -> Shape:
         intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
         layers=len(layers), heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
-        vocab=text.vocab_size, tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        vocab=text.vocab_size,
         layer_linears=linears,
         other_params=total - len(layers) * linear_params,
     )
@@ -165,12 +164,7 @@ def adapter_params(shape: Shape, plan: Plan) -> int:
 
 def _weights(shape: Shape, plan: Plan) -> tuple[float, float]:
     """(bytes of the whole base, bytes of one decoder layer) as stored on the GPU."""
-    linear = shape.layer_linear_params
-    if plan.method == "qlora":
-        per_linear = 0.5 + 1 / 64
-    else:
-        per_linear = 2.0
-    layer = linear * per_linear
+    layer = shape.layer_linear_params * (0.5 + 1 / 64 if plan.method == "qlora" else 2.0)
     return shape.layers * layer + shape.other_params * 2.0, layer
 
 
@@ -290,13 +284,11 @@ def _config_value(name: str, plan: Plan) -> object:
     return value
 
 
-def _candidates(plan: Plan, gpu_available: bool):
-    """Plans to try, fastest first: no recomputation at the largest batch, then cheaper
-    memory at growing cost (every 2nd layer, every layer, smaller micro-batches, sharding,
-    a 4-bit base)."""
-    bases = [plan]
-    if gpu_available and not plan.liger:
-        bases = [replace(plan, liger=True)]
+def _candidates(plan: Plan):
+    """Plans to try, fastest first: Liger on, no recomputation at the largest batch, then
+    cheaper memory at growing cost (every 2nd layer, every layer, smaller micro-batches,
+    sharding, a 4-bit base)."""
+    bases = [replace(plan, liger=True)]
     if plan.gpus > 1 and plan.strategy == "ddp":
         bases.append(replace(bases[-1], strategy="fsdp"))
     if plan.method == "lora":
@@ -309,9 +301,9 @@ def _candidates(plan: Plan, gpu_available: bool):
             batch //= 2
 
 
-def recommend(shape: Shape, plan: Plan, gpu_gib: float, gpu: bool = True) -> Recommendation:
+def recommend(shape: Shape, plan: Plan, gpu_gib: float) -> Recommendation:
     budget = gpu_gib * GIB * USABLE_SHARE
-    for candidate in _candidates(plan, gpu):
+    for candidate in _candidates(plan):
         est = estimate(shape, candidate)
         if est.peak <= budget:
             break
