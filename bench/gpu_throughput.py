@@ -350,27 +350,15 @@ def _peak_wrapper(peak_file: str):
     return loop_with_peak
 
 
-def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | None,
-                work: Path, *, batch: int,
-                seq: int, steps: int, warmup_steps: int, log_every: int, compile_: bool,
-                liger: str, quantization: str, checkpointing: str | int,
-                optimizer: str = "auto", attn: str = "sdpa",
-                use_gpu: bool = True, num_workers: int = 1, strategy: str = "ddp",
-                worker_cpus: float | None = None, checkpoint_every: int = 10_000,
-                max_failures: int = 0) -> dict[str, Any]:
-    import ray
-    import ray.data
-    from rich.console import Console
-
-    import ray_app.ray_session  # noqa: F401 - sets Ray Train's environment defaults
-    import ray_app.train.run as run_mod
+def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | None,
+                 work: Path, *, batch: int, seq: int, steps: int, log_every: int,
+                 compile_: bool, liger: str, quantization: str, checkpointing: str | int,
+                 optimizer: str = "auto", attn: str = "sdpa", use_gpu: bool = True,
+                 num_workers: int = 1, strategy: str = "ddp", worker_cpus: float | None = None,
+                 checkpoint_every: int = 10_000, max_failures: int = 0):
+    """The ray_app config of a measurement (also the plain loop's model settings)."""
     from ray_app.config import validate_config
 
-    if not ray.is_initialized():
-        for logger in ("ray", "ray.data", "ray.train", "ray.tune"):
-            logging.getLogger(logger).setLevel(logging.WARNING)
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
     raw = {
         "model": {"name_or_path": model_dir, "tokenizer": str(TOKENIZER), "dtype": "bfloat16",
                   "attn_implementation": attn, "quantization": quantization,
@@ -390,7 +378,90 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
         "run": {"name": name, "storage_path": str(work / "storage"),
                 "output_dir": str(work / "outputs" / name), "max_failures": max_failures},
     }
-    cfg = validate_config(raw, source=f"bench {name}")
+    return validate_config(raw, source=f"bench {name}")
+
+
+def plain_loop_run(model_dir: str, work: Path, *, batch: int, seq: int, warmup: int,
+                   steps: int, compile_: bool, liger: str, quantization: str,
+                   checkpointing: str | int, optimizer: str = "auto",
+                   attn: str = "sdpa") -> dict[str, Any]:
+    """ray_app's own model stack (load_base, apply_speedups, add_lora, its optimizer, the
+    loss over the tokens and gradient clipping of its loop) in a plain loop on random ids,
+    without Ray Train, Ray Data, progress reports or checkpoints: the baseline that the
+    Ray overhead of the same settings is measured against."""
+    import torch
+
+    from ray_app.model.loading import add_lora, apply_speedups, load_base
+    from ray_app.train.engines import make_optimizer
+
+    cfg = bench_config("plain", model_dir, work / "unused.jsonl", None, work, batch=batch,
+                       seq=seq, steps=steps, log_every=steps, compile_=compile_, liger=liger,
+                       quantization=quantization, checkpointing=checkpointing,
+                       optimizer=optimizer, attn=attn)
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base = load_base(cfg.model, True, device)
+    if quantization != "nf4":  # the 4-bit base is loaded onto the device already
+        base = base.to(device)
+    base = apply_speedups(base, cfg.model, cfg.train.activation_checkpointing, True)
+    model = add_lora(base, cfg.lora).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+
+    def step() -> None:
+        ids = torch.randint(3, vocab, (batch, seq), device=device, generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, position_ids=positions,
+                         num_items_in_batch=batch * (seq - 1)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)  # the loop reads the loss every step
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    out = {"tokens_per_s": batch * seq * steps / seconds, "timed_steps": steps,
+           "seconds": seconds, "step_s": seconds / steps,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return out
+
+
+def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | None,
+                work: Path, *, batch: int,
+                seq: int, steps: int, warmup_steps: int, log_every: int, compile_: bool,
+                liger: str, quantization: str, checkpointing: str | int,
+                optimizer: str = "auto", attn: str = "sdpa",
+                use_gpu: bool = True, num_workers: int = 1, strategy: str = "ddp",
+                worker_cpus: float | None = None, checkpoint_every: int = 10_000,
+                max_failures: int = 0) -> dict[str, Any]:
+    import ray
+    import ray.data
+    from rich.console import Console
+
+    import ray_app.ray_session  # noqa: F401 - sets Ray Train's environment defaults
+    import ray_app.train.run as run_mod
+
+    if not ray.is_initialized():
+        for logger in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(logger).setLevel(logging.WARNING)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = bench_config(name, model_dir, data_file, eval_file, work, batch=batch, seq=seq,
+                       steps=steps, log_every=log_every, compile_=compile_, liger=liger,
+                       quantization=quantization, checkpointing=checkpointing,
+                       optimizer=optimizer, attn=attn, use_gpu=use_gpu, num_workers=num_workers,
+                       strategy=strategy, worker_cpus=worker_cpus,
+                       checkpoint_every=checkpoint_every, max_failures=max_failures)
     peak_file = work / f"peak_{name}.json"
     captured: dict[str, Any] = {}
 
@@ -459,10 +530,14 @@ class Results:
         print("RESULT", json.dumps({k: row.get(k) for k in keys}), flush=True)
 
 
+def _ratio_key(r: dict[str, Any]) -> tuple:
+    # GPUs differ (an H200's common recipe ran 5% faster than an H100's): ratios stay per device.
+    return r["model"], r.get("data", "fixed"), r["method"], r["device"]
+
+
 def _ratio_baselines(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """The latest common-recipe row per (model, data, method)."""
-    return {(r["model"], r.get("data", "fixed"), r["method"]): r
-            for r in rows if r["variant"] == "common_recipe"}
+    """The latest common-recipe row per (model, data, method, device)."""
+    return {_ratio_key(r): r for r in rows if r["variant"] == "common_recipe"}
 
 
 def _data_cell(r: dict[str, Any]) -> str:
@@ -478,7 +553,7 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     common = _ratio_baselines(rows)
 
     def vs_common(r):
-        base = common.get((r["model"], r.get("data", "fixed"), r["method"]))
+        base = common.get(_ratio_key(r))
         if r["variant"] == "common_recipe" or base is None:
             return None
         return r["tokens_per_s"] / base["tokens_per_s"]
@@ -528,25 +603,51 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
             f"| {num(r['matmul_tflops'], '.0f')} |")
     best: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        key = (r["model"], r.get("data", "fixed"), r["method"])
+        key = _ratio_key(r)
         if r["variant"] == "ray_app" and key in common and (
                 key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]):
             best[key] = r
     if best:
-        lines += ["", "ray_app / common recipe (the fastest ray_app run per model, data, method):",
-                  "", ("| model | data | method | common recipe tokens/s | ray_app tokens/s "
-                       "| ray_app run | ratio |"),
-                  "|---|---|---|---:|---:|---|---:|"]
+        lines += ["", ("ray_app / common recipe (the fastest ray_app run per model, data, "
+                       "method and GPU, against the latest common recipe on that GPU):"),
+                  "", ("| model | data | method | device | common recipe tokens/s "
+                       "| ray_app tokens/s | ray_app run | ratio |"),
+                  "|---|---|---|---|---:|---:|---|---:|"]
         for key, r in best.items():
             base = common[key]
             lines.append(
-                f"| {key[0]} | {key[1]} | {key[2]} | {base['tokens_per_s']:,.0f} "
+                f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {base['tokens_per_s']:,.0f} "
                 f"| {r['tokens_per_s']:,.0f} | batch {r['batch']}, {r.get('settings', '')} "
                 f"| {r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
+    lines += ray_overhead_lines(rows)
     commands = sorted({r["command"] for r in rows})
     lines += ["", "Command:" if len(commands) == 1 else "Commands:", ""]
     lines += [f"    {c}" for c in commands]
     path.write_text("\n".join(lines) + "\n")
+
+
+def ray_overhead_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """ray_app against the plain loop of its own model stack, same settings, same run."""
+    pairs = []
+    for plain in (r for r in rows if r["variant"] == "plain_loop"):
+        settings = plain["settings"].replace("no Ray", "Ray Train ddp")
+        same = [r for r in rows if r["variant"] == "ray_app" and r["command"] == plain["command"]
+                and r["model"] == plain["model"] and r["batch"] == plain["batch"]
+                and r.get("settings") == settings and r.get("data", "fixed") == "fixed"]
+        pairs += [(plain, r) for r in same]
+    if not pairs:
+        return []
+    lines = ["", ("Ray overhead: ray_app's tokens/s (Ray Train worker, Ray Data pipeline, "
+                  "progress reports, wall-clock between reports) against a plain loop of its "
+                  "own model stack without Ray (same settings and batch, random ids, timed "
+                  "between CUDA synchronisations), in the same run:"), "",
+             "| model | settings | batch | plain loop tokens/s | ray_app tokens/s | overhead |",
+             "|---|---|---:|---:|---:|---:|"]
+    for plain, r in pairs:
+        lines.append(f"| {r['model']} | {plain['settings']} | {r['batch']} "
+                     f"| {plain['tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} "
+                     f"| {(1 - r['tokens_per_s'] / plain['tokens_per_s']) * 100:.1f}% |")
+    return lines
 
 
 VARIANT_OPTIONS = ("liger", "noliger", "compile", "qlora", "noeval", "ckpt", "nockpt",
@@ -600,6 +701,9 @@ def main() -> int:
                         help="comma list of ray_app variants, each options joined by '+' "
                         f"({' | '.join(VARIANT_OPTIONS)}) and an optional ':BATCH', "
                         "e.g. liger+compile:16,qlora:8,qlora+paged8bit:1")
+    parser.add_argument("--plain-variants", default="",
+                        help="variants (same syntax as --ray-variants) also run as a plain "
+                        "loop of ray_app's model stack without Ray: the Ray overhead baseline")
     parser.add_argument("--common-qlora", action="store_true",
                         help="also time the common recipe on a 4-bit NF4 base")
     parser.add_argument("--ray-steps", type=int, default=40)
@@ -616,13 +720,15 @@ def main() -> int:
     if set(kinds) - {"fixed", "variable"}:
         parser.error(f"--data: fixed and/or variable, got {args.data!r}")
     ray_batch = dict(item.split(":") for item in args.ray_batch.split(","))
-    variants = []
-    for spec in args.ray_variants.split(","):
-        opts, _, batch_text = spec.partition(":")
-        try:
-            variants.append((spec, opts, batch_text, variant_settings(opts)))
-        except ValueError as err:
-            parser.error(f"--ray-variants: {err}")
+    variants, plain_variants = [], []
+    for flag, specs, into in (("--ray-variants", args.ray_variants, variants),
+                              ("--plain-variants", args.plain_variants, plain_variants)):
+        for spec in filter(None, specs.split(",")):
+            opts, _, batch_text = spec.partition(":")
+            try:
+                into.append((spec, opts, batch_text, variant_settings(opts)))
+            except ValueError as err:
+                parser.error(f"{flag}: {err}")
 
     import torch
 
@@ -718,6 +824,25 @@ def main() -> int:
                         + (", padded to max_length" if kind == "variable" else ""), m)
                 except Exception as err:  # noqa: BLE001
                     failures.append(f"common_recipe qlora {key} {kind}: {err!r}")
+                    traceback.print_exc()
+                gc.collect()
+                torch.cuda.empty_cache()
+
+            # After the common recipe: Liger patches some functions of this process.
+            for spec, opts, batch_text, v in plain_variants:
+                batch = int(batch_text or ray_batch[key])
+                if kind != "fixed" or time.perf_counter() - t0 > args.deadline_s:
+                    continue
+                try:
+                    m = plain_loop_run(model_dir, work, batch=batch, seq=args.seq, warmup=5,
+                                       steps=15, compile_=v["compile_"], liger=v["liger"],
+                                       quantization="nf4" if v["qlora"] else "none",
+                                       checkpointing=v["checkpointing"],
+                                       optimizer=v["optimizer"], attn=v["attn"])
+                    add("plain_loop", "qlora" if v["qlora"] else "lora", "single-gpu", batch,
+                        settings_text(v).replace("Ray Train ddp", "no Ray"), m)
+                except Exception as err:  # noqa: BLE001
+                    failures.append(f"plain_loop {spec} {key}: {type(err).__name__}: {err}")
                     traceback.print_exc()
                 gc.collect()
                 torch.cuda.empty_cache()

@@ -1,0 +1,152 @@
+"""Where one training step of the 8B shape spends its GPU time (torch.profiler).
+
+Profiles the plain loop of ray_app's model stack (bench/gpu_throughput.py `plain_loop_run`
+settings: LoRA r=16 on q,k,v,o, Liger, per-layer compile, no activation checkpointing) and the
+common recipe (gradient checkpointing, no Liger), and groups CUDA kernel time by kind:
+matmul (cuBLAS/CUTLASS), attention (SDPA flash/efficient kernels), Triton (Liger and
+torch.compile's fused kernels), optimizer, other (elementwise, copies, reductions). 'idle' is
+the step's wall time not covered by any kernel (launch gaps, host work).
+
+    python bench/probes/profile_8b_step.py --out bench/results/profile_8b_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_throughput as gt
+
+# First match wins: cuDNN's SDPA kernel names also contain "sm90_".
+KINDS = [("attention", r"sdpa|flash|fmha|attention|mem_eff"),
+         ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_"),
+         ("optimizer", r"adam|multi_tensor|foreach"),
+         ("triton", r"triton|liger|^fused_|_kernel$")]
+
+
+def kind_of(name: str) -> str:
+    return next((k for k, pattern in KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def profile(step, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    by_kind: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type.name != "CUDA":
+            continue
+        seconds = event.device_time / 1e6 / steps  # microseconds over all steps
+        by_kind[kind_of(event.name)] = by_kind.get(kind_of(event.name), 0.0) + seconds
+        top[event.name[:90]] = top.get(event.name[:90], 0.0) + seconds
+    busy = sum(by_kind.values())
+    return {"step_s": wall,
+            "share": {k: round(v / wall, 4) for k, v in sorted(by_kind.items())},
+            "idle_share": round(max(0.0, wall - busy) / wall, 4),
+            "top_kernels_s": {k: round(v, 4) for k, v in
+                              sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+
+
+def ray_app_stack(folder: str, batch: int, seq: int):
+    from ray_app.model.loading import add_lora, apply_speedups, load_base
+    from ray_app.train.engines import make_optimizer
+
+    cfg = gt.bench_config("profile", folder, Path("/tmp/unused.jsonl"), None, Path("/tmp"),
+                          batch=batch, seq=seq, steps=10, log_every=10, compile_=True,
+                          liger="on", quantization="none", checkpointing="none")
+    device = torch.device("cuda")
+    base = load_base(cfg.model, True, device).to(device)
+    model = add_lora(apply_speedups(base, cfg.model, "none", True), cfg.lora).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+    vocab = model.config.vocab_size
+
+    def step() -> None:
+        ids = torch.randint(3, vocab, (batch, seq), device=device, generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, position_ids=positions,
+                         num_items_in_batch=batch * (seq - 1)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def common_recipe_stack(batch: int, seq: int):
+    from peft import LoraConfig, get_peft_model
+
+    model = gt.build_model("8b")
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(model, LoraConfig(
+        r=gt.LORA_R, lora_alpha=gt.LORA_ALPHA, lora_dropout=gt.LORA_DROPOUT,
+        target_modules=gt.LORA_TARGETS, task_type="CAUSAL_LM")).train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def step() -> None:
+        ids = torch.randint(3, model.config.vocab_size, (batch, seq), device="cuda",
+                            generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    args = parser.parse_args()
+    results = {"device": torch.cuda.get_device_name(0), "seq": args.seq,
+               "command": "python bench/probes/profile_8b_step.py " + " ".join(sys.argv[1:])}
+    step = common_recipe_stack(4, args.seq)
+    for _ in range(3):
+        step()
+    results["common_recipe_b4"] = profile(step, 3)
+    print(json.dumps(results["common_recipe_b4"], indent=1), flush=True)
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    folder = "/tmp/profile_8b"
+    gt.build_model("8b").save_pretrained(folder)
+    gc.collect()
+    torch.cuda.empty_cache()
+    step = ray_app_stack(folder, args.batch, args.seq)
+    for _ in range(4):  # compiles on the first steps
+        step()
+    results[f"ray_app_stack_b{args.batch}"] = profile(step, 3)
+    print(json.dumps(results[f"ray_app_stack_b{args.batch}"], indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
