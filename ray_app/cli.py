@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ray_app.errors import UserError
+from ray_app.secrets import redact
 
 ADDRESS_HELP = ("Ray cluster: absent = start a local one; 'auto' = the cluster this machine "
                 "belongs to; ray://HOST:10001 = Ray client; http://HOST:8265 = submit as a "
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except UserError as err:
-        console.print(f"[bold red]Error:[/bold red] {err}", highlight=False)
+        console.print(f"[bold red]Error:[/bold red] {redact(str(err))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("Interrupted. Rerun the same command to resume from the last checkpoint.")

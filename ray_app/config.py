@@ -25,6 +25,7 @@ from pydantic import (
 from typing_extensions import Self
 
 from ray_app.errors import UserError
+from ray_app.secrets import has_userinfo, redact
 
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 
@@ -353,6 +354,40 @@ class RunSection(_Section):
         return value
 
 
+class TrackingSection(_Section):
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers the driver logs metrics to: any "
+        "of tensorboard, mlflow, wandb (needs pip install 'ray-app[tracking]'); empty = none."
+    )
+    project: str = Field(
+        "ray-app", min_length=1, description="W&B project and MLflow experiment name."
+    )
+    tensorboard_dir: str | None = Field(
+        None, description="TensorBoard event files; default <output_dir>/tensorboard."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow server or store; default env MLFLOW_TRACKING_URI, else "
+        "sqlite:///<output_dir>/mlflow.db. Credentials only from the environment."
+    )
+    wandb_entity: str | None = Field(
+        None, description="W&B team or user; default the API key's own. Key from WANDB_API_KEY."
+    )
+
+    @field_validator("backends")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and has_userinfo(value):
+            raise ValueError("must not hold credentials (user:password@); set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                             "MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return value
+
+
 DISTRIBUTIONS = {
     "loguniform": "[low, high]: floats, log scale (low > 0)",
     "uniform": "[low, high]: floats",
@@ -363,7 +398,7 @@ DISTRIBUTIONS = {
 # Keys a trial may not change: data settings and the tokenizer would each need their own
 # tokenized dataset (prepared once per study), run settings name the study itself, and the
 # worker count and resources decide how many trials fit the cluster.
-FIXED_IN_A_STUDY = ("data.", "run.", "tune.", "model.name_or_path", "model.tokenizer",
+FIXED_IN_A_STUDY = ("data.", "run.", "tune.", "tracking.", "model.name_or_path", "model.tokenizer",
                     "train.method",
                     "scaling.num_workers", "scaling.min_workers", "scaling.use_gpu",
                     "scaling.resources_per_worker")
@@ -485,6 +520,7 @@ class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     tune: TuneSection = Field(default_factory=TuneSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _space_keys_are_config_keys(self) -> Self:
@@ -609,7 +645,7 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{loc}: required key is missing."
     if not loc:  # a check across sections words its own message
         return error["msg"].removeprefix("Value error, ")
-    value = error.get("input")
+    value = redact(error.get("input"))  # a rejected URI may hold a password
     return f"{loc}: got {value!r}; {error['msg'][0].lower()}{error['msg'][1:]}."
 
 

@@ -11,6 +11,7 @@ import yaml
 from rich.console import Console
 
 from ray_app.errors import UserError
+from ray_app.secrets import refuse_credentials
 
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 
@@ -27,9 +28,12 @@ def submit_and_follow(args, console: Console, command: str = "train") -> int:
     entry = ["python", "-m", "ray_app", command]
     if args.config:
         cfg = load_config(args.config, args.overrides)
-        (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        raw = cfg.model_dump(mode="json")
+        refuse_credentials(raw, "the job's working_dir (uploaded to the cluster)")
+        (workdir / "config.yaml").write_text(yaml.safe_dump(raw))
         entry.append("config.yaml")
     else:
+        refuse_credentials({"--set": list(args.overrides)}, "the job's entrypoint")
         entry += [a for o in args.overrides for a in ("--set", o)]
     if args.output:
         entry += ["--output", args.output]

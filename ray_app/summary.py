@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ray_app.secrets import redact
+
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -23,7 +25,7 @@ def versions() -> dict[str, str]:
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    summary = {**summary, "versions": versions()}
+    summary = redact({**summary, "versions": versions()})
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
@@ -54,4 +56,4 @@ def render_summary(summary: dict[str, Any], console: Console, path: Path) -> Non
     table.add_row("summary", str(path))
     console.print(table)
     if summary.get("error"):
-        console.print(f"[red]Training failed:[/red] {summary['error']}")
+        console.print(f"[red]Training failed:[/red] {redact(summary['error'])}")

@@ -28,5 +28,53 @@ def tiny_config(train_paths: Path | list[str], tmp: Path, **sections: dict[str, 
                 "max_failures": 0},
     }
     for name, values in sections.items():
-        cfg[name] = {**cfg[name], **values}
+        cfg[name] = {**cfg.get(name, {}), **values}
     return cfg
+
+
+def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of every TensorBoard event file under `folder`: tag -> [(step, value)].
+    Event files are TFRecords: u64 length, u32 crc, the Event proto, u32 crc."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
+    """The history rows (`run.log` calls) of an offline W&B run file (`run-*.wandb`): a
+    7-byte header, then 32 KiB blocks of chunks (header <IHB: crc, length, type 1 full,
+    2 first, 3 middle, 4 last), each whole record a wandb_internal_pb2.Record."""
+    import json
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block = run_file.read_bytes(), 32 * 1024
+    assert data[:4] == b":W&B", run_file
+    rows, pos, parts = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left for a header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = Record.FromString(parts)
+            parts = b""
+            if record.HasField("history"):
+                rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

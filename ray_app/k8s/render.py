@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ray_app.errors import UserError
+from ray_app.secrets import refuse_credentials
 
 RAY_VERSION = "2.60.0"
 CONFIG_MOUNT = "/etc/ray-app"
@@ -32,6 +33,13 @@ SHARED_CLAIM = "ray-shared"
 SHARED_MOUNT = "/mnt/shared"
 AUTH_SECRET = "ray-auth-token"
 HF_TOKEN_SECRET = "hf-token"
+# Optional Secrets of the experiment trackers: env var -> (Secret, key).
+TRACKING_SECRETS = {
+    "wandb": {"WANDB_API_KEY": ("wandb-api-key", "api_key")},
+    "mlflow": {"MLFLOW_TRACKING_USERNAME": ("mlflow-credentials", "username"),
+               "MLFLOW_TRACKING_PASSWORD": ("mlflow-credentials", "password"),
+               "MLFLOW_TRACKING_TOKEN": ("mlflow-credentials", "token")},
+}
 GRACE_SECONDS = 120
 DRAIN_DEADLINE_SECONDS = 90
 
@@ -139,6 +147,7 @@ def job_name(run_name: str) -> str:
 
 def render_manifests(cfg: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
     """[ConfigMap, RayJob] for `kubectl apply -f`; keyword arguments as for `render_rayjob`."""
+    refuse_credentials(cfg, "the ConfigMap")
     job = render_rayjob(cfg, **kwargs)
     return [render_config_map(cfg, job_name=job["metadata"]["name"], **_pick(kwargs)), job]
 
@@ -203,7 +212,7 @@ def render_rayjob(
     per_worker = scaling.get("resources_per_worker") or (
         {"CPU": 4, "GPU": 1} if use_gpu else {"CPU": 0.5}
     )
-    env = _ray_env(shared_mount)
+    env = _ray_env(shared_mount, (cfg.get("tracking") or {}).get("backends") or [])
     mounts = {"shared": shared_mount}
     volumes = [_pvc_volume(shared_claim)]
     config_volume = {"name": "config", "configMap": {"name": f"{name}-config"}}
@@ -466,15 +475,14 @@ def _place(pod_spec: dict[str, Any], cloud: str | None, market: str) -> None:
             pod_spec[key] = value
 
 
-def _ray_env(shared_mount: str) -> list[dict[str, Any]]:
-    return [
-        {"name": "HF_HOME", "value": f"{shared_mount}/hf-cache"},
-        {
-            "name": "HF_TOKEN",
-            "valueFrom": {
-                "secretKeyRef": {"name": HF_TOKEN_SECRET, "key": "token", "optional": True}
-            },
-        },
+def _ray_env(shared_mount: str, backends: list[str]) -> list[dict[str, Any]]:
+    secrets = {"HF_TOKEN": (HF_TOKEN_SECRET, "token")}
+    for backend in backends:
+        secrets.update(TRACKING_SECRETS.get(backend, {}))
+    return [{"name": "HF_HOME", "value": f"{shared_mount}/hf-cache"}] + [
+        {"name": name,
+         "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+        for name, (secret, key) in secrets.items()
     ]
 
 

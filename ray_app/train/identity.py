@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ray_app.config import Config, EvalSection, TuneSection
+from ray_app.config import Config, EvalSection, TrackingSection, TuneSection
 from ray_app.data import storage
 from ray_app.errors import UserError
+from ray_app.secrets import redact
 
 FILE = "ray_app_run.json"
 MAY_CHANGE = {
@@ -25,13 +26,15 @@ MAY_CHANGE = {
             "preemption_check_every", "record_samples"},
     "tune": set(TuneSection.model_fields),  # searches over runs; never shapes one
     "eval": set(EvalSection.model_fields),  # read by `ray-app eval` only
+    "tracking": set(TrackingSection.model_fields),  # where metrics go, not what is trained
 }
 
 
 def identity(cfg: Config) -> dict[str, Any]:
     """The settings a run may not change once started, flattened to dotted keys."""
     out: dict[str, Any] = {}
-    for section, values in cfg.model_dump(mode="json").items():
+    # Masked: the file is in storage, and rotated credentials must not block a resume.
+    for section, values in redact(cfg.model_dump(mode="json")).items():
         for key, value in values.items():
             if key not in MAY_CHANGE.get(section, set()):
                 out[f"{section}.{key}"] = value
@@ -52,8 +55,8 @@ def check_run_identity(cfg: Config) -> bool:
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise UserError(
-            f"run.name {cfg.run.name!r} already exists in {cfg.storage_uri()} with other "
+            f"run.name {cfg.run.name!r} already exists in {redact(cfg.storage_uri())} with other "
             f"settings ({shown}). Rerunning a name resumes that run, which needs the same "
-            f"settings. Choose a new run.name, or delete {uri.rsplit('/', 1)[0]} to start over."
+            f"settings. Choose a new run.name, or delete {redact(uri.rsplit('/', 1)[0])} to start over."
         )
     return True

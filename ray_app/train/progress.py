@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -118,10 +119,14 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 class ProgressDisplay:
-    """Polls the hub in a background thread while `trainer.fit()` blocks the main one."""
+    """Polls the hub in a background thread while `trainer.fit()` blocks the main one.
+    `on_metrics` receives every report of rank 0 (not the failure events), e.g. a tracker's
+    `log`."""
 
-    def __init__(self, hub, total_steps: int, console: Console, interval_s: float = 0.5):
+    def __init__(self, hub, total_steps: int, console: Console, interval_s: float = 0.5,
+                 on_metrics: Callable[[dict[str, Any]], None] | None = None):
         self.hub = hub
+        self.on_metrics = on_metrics
         self.total = total_steps
         self.console = console
         self.interval = interval_s
@@ -166,6 +171,8 @@ class ProgressDisplay:
             self.console.print(f"[red]Worker failure[/red] ({metrics['cause']}); Ray Train "
                                "restarts the workers from the last checkpoint.")
             return
+        if self.on_metrics:
+            self.on_metrics(metrics)
         for warning in metrics.get("warnings") or []:
             self.console.print(f"[yellow]Warning:[/yellow] {warning}")
         if metrics.get("resumed"):

@@ -17,6 +17,7 @@ from ray_app.data.pipeline import PreparedData, prepare, tokenizer_path
 from ray_app.data.report import render_report
 from ray_app.data.tokenize import load_tokenizer
 from ray_app.errors import UserError
+from ray_app.secrets import redact
 from ray_app.summary import write_summary
 from ray_app.train.faults import injected_faults
 from ray_app.train.identity import check_run_identity
@@ -25,6 +26,7 @@ from ray_app.train.plan import plan_steps
 from ray_app.train.preemption import PreemptibleTorchConfig
 from ray_app.train.progress import FailureRecorder, ProgressDisplay, start_hub
 from ray_app.train.trace import trace_folder
+from ray_app.train.tracking import Tracker, check_tracking_packages
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 # How often an elastic run checks whether more workers fit (Ray's default is 60 s).
@@ -66,6 +68,7 @@ def check_packages(cfg: Config) -> None:
         if needed and importlib.util.find_spec(package) is None:
             raise UserError(f"This config needs the {package!r} package, which is not installed. "
                             "Install the GPU extras: pip install -e '.[gpu]' (or scripts/setup.sh --gpu).")
+    check_tracking_packages(cfg)
 
 
 def run_training(cfg: Config, console: Console) -> dict[str, Any]:
@@ -74,7 +77,7 @@ def run_training(cfg: Config, console: Console) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = check_tokenizer(cfg)
     if check_run_identity(cfg):
-        console.print(f"Run {cfg.run.name!r} exists in {cfg.storage_uri()}: resuming it.")
+        console.print(f"Run {cfg.run.name!r} exists in {redact(cfg.storage_uri())}: resuming it.")
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
         data = prepare(cfg, cfg.storage_uri(), output / "rejects")
     cfg = materialise_builtin(cfg, tokenizer, output)
@@ -88,12 +91,14 @@ def run_training(cfg: Config, console: Console) -> dict[str, Any]:
                         "data.eval_fraction, or use keep_best_by=latest.")
     console.print(f"Training {plan.total_steps} steps on {world} "
                   f"{'GPU' if cfg.scaling.use_gpu else 'CPU'} worker(s); "
-                  f"checkpoints in {cfg.storage_uri()}/{cfg.run.name}")
+                  f"checkpoints in {redact(cfg.storage_uri())}/{cfg.run.name}")
     hub = start_hub(cfg.run.name)
     trainer = build_trainer(cfg, data, plan.to_dict(), hub)
-    with ProgressDisplay(hub, plan.total_steps, console):
-        result = fit(trainer)
-    summary = finish(cfg, data, result, output, hub)
+    with Tracker(cfg, console) as tracker:
+        with ProgressDisplay(hub, plan.total_steps, console, on_metrics=tracker.log):
+            result = fit(trainer)
+        summary = redact(finish(cfg, data, result, output, hub))
+        tracker.finish(summary)
     write_summary(output / "run_summary.json", summary)
     return summary
 

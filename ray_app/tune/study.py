@@ -26,9 +26,11 @@ from ray_app.data import storage
 from ray_app.data.pipeline import prepare
 from ray_app.data.report import render_report
 from ray_app.errors import UserError
+from ray_app.secrets import redact
 from ray_app.summary import write_summary
 from ray_app.train.plan import plan_steps
 from ray_app.train.run import check_packages, check_tokenizer, export_adapter, materialise_builtin
+from ray_app.train.tracking import tune_callbacks
 from ray_app.tune.capacity import concurrent_trials, driver_resources
 from ray_app.tune.plot import plot_trials
 from ray_app.tune.results import best_trial, collect_trials, render_study, write_best_config
@@ -83,18 +85,19 @@ def run_study(cfg: Config, console: Console, resume: bool = False,
     console.print(f"{'Resuming' if restoring else 'Starting'} study {cfg.run.name!r}: "
                   f"{cfg.tune.num_samples} sample(s), {cfg.tune.search} search, scheduler "
                   f"{cfg.tune.scheduler}, {workers} worker(s) per trial, {concurrency} at once "
-                  f"({why}); state in {path}")
+                  f"({why}); state in {redact(path)}")
+    callbacks = [table, *tune_callbacks(cfg), *callbacks]
     if restoring:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         # Tune keeps the callbacks pickled at the first start; the console is this process's.
-        tuner._local_tuner.get_run_config().callbacks = [table, *callbacks]
+        tuner._local_tuner.get_run_config().callbacks = callbacks
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space(cfg.tune),
             tune_config=_tune_config(cfg, concurrency, plan.total_steps),
             run_config=tune.RunConfig(
                 name=path.rsplit("/", 1)[-1], storage_path=path.rsplit("/", 1)[0],
-                callbacks=[table, *callbacks], verbose=0,
+                callbacks=callbacks, verbose=0,
                 # Ray Train already retried the trial's workers from checkpoints.
                 failure_config=tune.FailureConfig(max_failures=0)),
         )
@@ -165,15 +168,16 @@ def _check_study(cfg: Config, path: str, resume: bool) -> bool:
     """True when an existing study is to be resumed. A study is the config it was started
     with: resuming with other settings, or restarting one by accident, is refused."""
     record = f"{path}/{STUDY_FILE}"
-    mine = cfg.model_dump(mode="json", exclude={"run": {"output_dir"}})
+    # Trackers may change on resume; secrets are masked (the record is in storage).
+    mine = redact(cfg.model_dump(mode="json", exclude={"run": {"output_dir"}, "tracking": True}))
     exists = tune.Tuner.can_restore(path)
     if exists and not resume:
-        raise UserError(f"Study {cfg.run.name!r} already exists in {path}. Resume it with "
+        raise UserError(f"Study {cfg.run.name!r} already exists in {redact(path)}. Resume it with "
                         "--resume, or choose a new run.name to start another.")
     if exists and storage.exists(record):
         theirs = json.loads(storage.read_text(record))
         if theirs != mine:
-            raise UserError(f"Study {cfg.run.name!r} in {path} was started with other "
+            raise UserError(f"Study {cfg.run.name!r} in {redact(path)} was started with other "
                             "settings; resuming needs the same config. Choose a new run.name "
                             "for a new study.")
     if not exists:
