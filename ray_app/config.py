@@ -162,7 +162,8 @@ class DataSection(_Section):
         True, description="Pack several train records into each max_seq_len sequence."
     )
     tokenize_actors: int | None = Field(
-        None, ge=1, le=1024, description="Tokenizer actor pool size; null = sized to the cluster."
+        None, ge=1, le=1024, description="Tokenizer actor pool size; null = one per 4 CPUs of "
+        "the cluster (each actor tokenizes on several threads)."
     )
 
     @field_validator("train", "eval", mode="before")

@@ -58,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus-mb", type=float, default=40)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--tokenize-actors", type=int, default=None,
+                        help="data.tokenize_actors (default: one per CPU)")
     parser.add_argument("--work", default="/tmp/data_cpu_trace")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
     cfg = validate_config({
         "model": {"tokenizer": str(tokenizer)},
         "data": {"train": [str(corpus)], "eval_fraction": 0.0, "max_seq_len": 2048,
-                 "format": "text"},
+                 "format": "text", "tokenize_actors": args.tokenize_actors},
         "run": {"storage_path": str(work / f"storage-{time.time_ns()}")}})
     samples: list[dict] = []
     stop = threading.Event()
@@ -99,7 +101,8 @@ def main() -> None:
             if key != "t":
                 totals[key] = totals.get(key, 0.0) + value
     result = {
-        "corpus_mb": args.corpus_mb, "cpus": args.cpus, "seconds": round(seconds, 2),
+        "corpus_mb": args.corpus_mb, "cpus": args.cpus, "tokenize_actors": args.tokenize_actors,
+        "seconds": round(seconds, 2),
         "tokens": data.report.train_tokens, "stage_seconds": data.report.stage_seconds,
         "cpu_seconds_by_role": {k: round(v, 2) for k, v in
                                 sorted(totals.items(), key=lambda kv: -kv[1])},

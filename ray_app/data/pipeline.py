@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from ray_app.errors import UserError
 PIPELINE_VERSION = "3"  # bump when the tokenized output of the same inputs changes
 COUNT_KEYS = ["source", "status", "reason", "split", "format"]
 TOKENIZE_BATCH = 256
+CPUS_PER_TOKENIZER = 4
 PACK_BATCH = 4096  # records packed together: larger fills sequences better
 # Up to this many records the driver finds duplicates itself from the hash column (about
 # 40 bytes a record, so 80 MB at most); above it a Ray Data shuffle does, with bounded
@@ -231,10 +233,15 @@ def read_lines(shards: list[Shard], max_record_bytes: int) -> ray.data.Dataset:
 
 
 def tokenize_pool_size(data) -> int:
-    """data.tokenize_actors, or one tokenizer actor per CPU of the cluster."""
+    """data.tokenize_actors, or one tokenizer actor per CPUS_PER_TOKENIZER CPUs of the cluster.
+
+    The fast tokenizer batch-encodes on a thread per core in every actor, so a few actors
+    keep the cores busy: on 2, 8 and 16 cores, 1, 2 and 4 actors prepared a 40 MB corpus as
+    fast as one actor per core, with 40% or less of the actors' CPU time on 8 and 16 cores
+    and a quarter of the tokenizer copies in memory (bench/results/data_core_scaling.md)."""
     if data.tokenize_actors:
         return data.tokenize_actors
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, math.ceil(ray.cluster_resources().get("CPU", 1) / CPUS_PER_TOKENIZER))
 
 
 def parquet_batches(uri: str, columns: list[str], batch_size: int = 65536):
