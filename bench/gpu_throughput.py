@@ -381,25 +381,22 @@ def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | N
     return validate_config(raw, source=f"bench {name}")
 
 
-def plain_loop_run(model_dir: str, work: Path, *, batch: int, seq: int, warmup: int,
-                   steps: int, compile_: bool, liger: str, quantization: str,
-                   checkpointing: str | int, optimizer: str = "auto",
-                   attn: str = "sdpa") -> dict[str, Any]:
-    """ray_app's own model stack (load_base, apply_speedups, add_lora, its optimizer, the
-    loss over the tokens and gradient clipping of its loop) in a plain loop on random ids,
-    without Ray Train, Ray Data, progress reports or checkpoints: the baseline that the
-    Ray overhead of the same settings is measured against."""
+def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile_: bool,
+                    liger: str, quantization: str, checkpointing: str | int,
+                    optimizer: str = "auto", attn: str = "sdpa"):
+    """One training step of ray_app's own model stack (load_base, apply_speedups, add_lora,
+    its optimizer, the loss over the tokens and gradient clipping of its loop) on random
+    ids, without Ray Train, Ray Data, progress reports or checkpoints."""
     import torch
 
     from ray_app.model.loading import add_lora, apply_speedups, load_base
     from ray_app.train.engines import make_optimizer
 
     cfg = bench_config("plain", model_dir, work / "unused.jsonl", None, work, batch=batch,
-                       seq=seq, steps=steps, log_every=steps, compile_=compile_, liger=liger,
+                       seq=seq, steps=1, log_every=1, compile_=compile_, liger=liger,
                        quantization=quantization, checkpointing=checkpointing,
                        optimizer=optimizer, attn=attn)
     device = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats()
     base = load_base(cfg.model, True, device)
     if quantization != "nf4":  # the 4-bit base is loaded onto the device already
         base = base.to(device)
@@ -422,6 +419,17 @@ def plain_loop_run(model_dir: str, work: Path, *, batch: int, seq: int, warmup: 
         opt.zero_grad(set_to_none=True)
         float(loss)  # the loop reads the loss every step
 
+    return step
+
+
+def plain_loop_run(model_dir: str, work: Path, *, batch: int, seq: int, warmup: int,
+                   steps: int, **settings) -> dict[str, Any]:
+    """`plain_loop_step` timed: the baseline that the Ray overhead of the same settings is
+    measured against. `settings` as for plain_loop_step."""
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    step = plain_loop_step(model_dir, work, batch=batch, seq=seq, **settings)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()

@@ -64,32 +64,8 @@ def profile(step, steps: int) -> dict:
 
 
 def ray_app_stack(folder: str, batch: int, seq: int):
-    from ray_app.model.loading import add_lora, apply_speedups, load_base
-    from ray_app.train.engines import make_optimizer
-
-    cfg = gt.bench_config("profile", folder, Path("/tmp/unused.jsonl"), None, Path("/tmp"),
-                          batch=batch, seq=seq, steps=10, log_every=10, compile_=True,
-                          liger="on", quantization="none", checkpointing="none")
-    device = torch.device("cuda")
-    base = load_base(cfg.model, True, device).to(device)
-    model = add_lora(apply_speedups(base, cfg.model, "none", True), cfg.lora).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    positions = torch.arange(seq, device=device).expand(batch, seq)
-    vocab = model.config.vocab_size
-
-    def step() -> None:
-        ids = torch.randint(3, vocab, (batch, seq), device=device, generator=gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, position_ids=positions,
-                         num_items_in_batch=batch * (seq - 1)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return gt.plain_loop_step(folder, Path("/tmp"), batch=batch, seq=seq, compile_=True,
+                              liger="on", quantization="none", checkpointing="none")
 
 
 def common_recipe_stack(batch: int, seq: int):
