@@ -37,14 +37,36 @@ RAY = str(Path(sys.executable).parent / "ray")
 STEPS, CHECKPOINT_EVERY = 16, 2
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+class _Ports:
+    """Hands out ports below the kernel's ephemeral range, each once.
+
+    Random free ports (bind to 0) come from the ephemeral range, where Ray also binds its own
+    'random' ports and outgoing connections land; a node's worker-port range picked there
+    could overlap its object-manager port or another process's socket.
+    """
+
+    def __init__(self) -> None:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        self.next = max(10_000, low - 12_000)
+        self.end = low
+
+    def take(self, n: int = 1) -> list[int]:
+        """`n` consecutive ports that are free now."""
+        while self.next + n <= self.end:
+            ports = list(range(self.next, self.next + n))
+            self.next += n
+            if all(_bindable(p) for p in ports):
+                return ports
+        raise RuntimeError("no free ports left below the ephemeral range")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class LocalCluster:
@@ -67,7 +89,8 @@ class LocalCluster:
         self.storage = root / "storage"
         self.nodes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}  # each node's Prometheus endpoint
-        self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
+        self.ports = _Ports()
+        self.gcs_port, self.dashboard_port, self.client_port = self.ports.take(3)
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
 
     def start_head(self) -> None:
@@ -76,12 +99,13 @@ class LocalCluster:
                         f"--ray-client-server-port={self.client_port}")
 
     def start_node(self, name: str, *args: str) -> None:
-        node, obj, agent, metrics, lo = _free_ports(5)
+        node, obj, agent, metrics = self.ports.take(4)
+        workers = self.ports.take(200)
         cmd = [RAY, "start", *args, "--block", f"--temp-dir={self.temp}",
                "--object-store-memory=150000000", f"--node-manager-port={node}",
                f"--object-manager-port={obj}", f"--dashboard-agent-listen-port={agent}",
-               f"--metrics-export-port={metrics}", f"--min-worker-port={lo + 10}",
-               f"--max-worker-port={lo + 200}"]
+               f"--metrics-export-port={metrics}", f"--min-worker-port={workers[0]}",
+               f"--max-worker-port={workers[-1]}"]
         if "--head" not in args:
             cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
