@@ -145,7 +145,10 @@ def _child(kind: str, corpus: Path, tokenizer_dir: Path, cpus: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=40, help="corpus size for throughput")
-    parser.add_argument("--memory-mb", type=float, default=20, help="small corpus; large = 10x")
+    parser.add_argument("--memory-mb", type=float, default=20,
+                        help="small corpus; large = 10x; 0 skips the memory runs")
+    parser.add_argument("--name", default="data_pipeline",
+                        help="results file stem under bench/results/")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     tokenizer_dir = build_qwen_tokenizer(work / "qwen_tokenizer")
@@ -156,7 +159,7 @@ def main() -> None:
     tokenizer_1t = _child("tokenizer", corpus, tokenizer_dir, 0, {"TOKENIZERS_PARALLELISM": "false"})
     ray_runs = {c: _child("ray", corpus, tokenizer_dir, c) for c in (1, 2)}
     memory = {}
-    for scale in (1, 10):
+    for scale in (1, 10) if args.memory_mb else ():
         small = write_corpus(work / f"mem{scale}" / "corpus", args.memory_mb * scale)
         memory[scale] = _child("ray", small, tokenizer_dir, 2)
 
@@ -185,8 +188,8 @@ def main() -> None:
     }
     shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "data_pipeline.md").write_text(markdown(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -215,8 +218,10 @@ def markdown(r: dict) -> str:
                f"**{r['ceiling_over_baseline']:.2f}x** the threaded baseline on this machine "
                "(cores x the one-thread tokenizer rate above)."), "",
               "Ray stage wall times (2 CPUs): " + ", ".join(
-                  f"{k} {v:.1f} s" for k, v in ray2.get("stage_seconds", {}).items()), "",
-              "| corpus | records | prepare seconds | driver peak RSS (MB) |", "|---|---:|---:|---:|"]
+                  f"{k} {v:.1f} s" for k, v in ray2.get("stage_seconds", {}).items()), ""]
+    if not r["driver_memory"]:
+        return "\n".join(lines)
+    lines += ["| corpus | records | prepare seconds | driver peak RSS (MB) |", "|---|---:|---:|---:|"]
     lines += [f"| {size} | {m['records']:,} | {m['seconds']:.1f} | {m['driver_peak_rss_mb']:.0f} |"
               for size, m in r["driver_memory"].items()]
     return "\n".join(lines) + "\n"
