@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--corpus-mb", type=float, default=40)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--tokenize-actors", type=int, default=None,
-                        help="data.tokenize_actors (default: one per CPU)")
+                        help="data.tokenize_actors (default: the pipeline's own, one per 4 CPUs)")
     parser.add_argument("--work", default="/tmp/data_cpu_trace")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
