@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
@@ -23,6 +23,11 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="Output folder (adapter, rejects, run_summary.json).")
     parser.add_argument("--address", help=ADDRESS_HELP)
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all).")
+    parser.add_argument(
+        "--storage", metavar="PATH_OR_URI",
+        help="With --address http://...: where relative run.storage_path and run.output_dir "
+        "go on the cluster (a path every node mounts, or s3://...); default RAY_APP_STORAGE, "
+        "or this folder when the cluster runs on this machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show Ray's own logs.")
 
 
@@ -73,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from ray_app.config import load_config
+    from ray_app.config import STORAGE_ENV, load_config, resolve_run_path
 
     cfg = load_config(args.config, args.overrides)
     if args.output:
-        cfg.run.output_dir = str(Path(args.output).resolve())
+        cfg.run.output_dir = resolve_run_path(args.output, "--output", os.environ.get(STORAGE_ENV))
     return cfg
 
 

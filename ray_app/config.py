@@ -532,12 +532,53 @@ class Config(_Section):
         return self
 
     def output_path(self) -> Path:
-        return Path(self.run.output_dir or f"outputs/{self.run.name}").resolve()
+        """run.output_dir (default outputs/<run.name>) as an absolute local path."""
+        path = self.run.output_dir or f"outputs/{self.run.name}"
+        resolved = resolve_run_path(path, "run.output_dir", os.environ.get(STORAGE_ENV))
+        if "://" in resolved:
+            raise UserError(
+                f"run.output_dir {path!r} would be under {STORAGE_ENV}={resolved.rsplit('/', 1)[0]}"
+                ", an object-storage URI; the adapter, rejects and run_summary.json are written "
+                "to a file system. Set run.output_dir to a path on the cluster's shared file "
+                "system (e.g. /mnt/shared/outputs/<name>).")
+        return Path(resolved)
 
     def storage_uri(self) -> str:
         """Absolute local path or an unchanged URI (Ray needs absolute local paths)."""
-        path = self.run.storage_path
-        return path if "://" in path else str(Path(path).expanduser().resolve())
+        return resolve_run_path(self.run.storage_path, "run.storage_path",
+                                os.environ.get(STORAGE_ENV))
+
+
+# Where relative run.storage_path / run.output_dir go on a cluster: its shared storage (a
+# path every node mounts, or an object-storage URI), set on the cluster's pods by the chart.
+STORAGE_ENV = "RAY_APP_STORAGE"
+
+
+def resolve_run_path(path: str, key: str, base: str | None) -> str:
+    """An absolute path or URI for a run's storage or output path: relative ones go under
+    `base` when given, else under the current folder, unless that is a Ray job's temporary
+    working_dir (then a UserError says what to set)."""
+    if "://" in path:
+        return path
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    if base:
+        return f"{base.rstrip('/')}/{path}" if "://" in base else str(
+            (Path(base).expanduser() / path).resolve())
+    if _in_runtime_working_dir():
+        raise UserError(
+            f"{key} {path!r} is relative, and this process runs in a Ray job's temporary "
+            "working_dir, which Ray deletes when the job ends: checkpoints, adapter and "
+            f"summary would be lost. Make {key} absolute (a path every node mounts, or s3:// "
+            f"for run.storage_path), or set {STORAGE_ENV} on the cluster to its shared storage.")
+    return str(expanded.resolve())
+
+
+def _in_runtime_working_dir() -> bool:
+    """Ray unpacks a job's working_dir into <session>/runtime_resources/working_dir_files/
+    _ray_pkg_<hash>/ and runs the job there."""
+    return any(part.startswith("_ray_pkg_") for part in Path.cwd().parts)
 
 
 def _space_key_problem(cfg: Config, key: str, dist: Distribution) -> str | None:

@@ -25,8 +25,11 @@ def versions() -> dict[str, str]:
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    from ray_app.data import storage
+
     summary = redact({**summary, "versions": versions()})
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    # Atomic: a crash mid-write must not leave a summary that later tools cannot parse.
+    storage.write_text(str(path), json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _num(value: Any, spec: str) -> str:

@@ -14,6 +14,42 @@ def write_lines(path: Path, lines: list[str | bytes], compress: bool = False) ->
     return path
 
 
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders (`step_NNNNNNN-<attempt>`), oldest step first."""
+    return sorted((p for p in run_dir.glob("step_*") if p.is_dir()),
+                  key=lambda p: (p.name[:12], p.stat().st_mtime))
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    return checkpoint_folders(run_dir)[-1]
+
+
+def optimizer_tensors(folder: Path) -> dict[str, Any]:
+    """Every tensor of a checkpoint's optimizer state, by a path of keys: optimizer.pt
+    (DDP, FSDP) or DeepSpeed's optimizer partitions."""
+    from ray_app.train.safe_load import safe_load
+
+    files = [folder / "optimizer.pt"] if (folder / "optimizer.pt").exists() else sorted(
+        folder.glob("deepspeed/*/*optim_states.pt"))
+    out: dict[str, Any] = {}
+    for file in files:
+        _tensors(safe_load(file), file.name, out)
+    return out
+
+
+def _tensors(value: Any, path: str, out: dict[str, Any]) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        out[path] = value.float()
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _tensors(item, f"{path}/{key}", out)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _tensors(item, f"{path}/{i}", out)
+
+
 def tiny_config(train_paths: Path | list[str], tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A config dict for a fast 2-worker CPU run; `sections` update its sections."""
     cfg: dict[str, Any] = {

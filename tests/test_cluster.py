@@ -269,6 +269,70 @@ def test_ray_app_submit_follows_the_job_and_exits_with_its_status(cluster, small
     assert "matches no JSONL shard" in failed.stdout  # the job's own error, in its logs
 
 
+def test_a_caller_without_the_token_is_refused_by_the_jobs_api_and_the_ray_client(
+        cluster, tmp_path):
+    """Token authentication is on (the Ray 2.60 default for `ray start`): the dashboard's
+    HTTP API, `ray job` and a Ray client session all refuse a caller that has no token,
+    and the same calls with the token go through."""
+    import urllib.error
+
+    outsider = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"}
+    outsider["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    url = f"{cluster.dashboard}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=30)
+    assert refused.value.code in (401, 403)
+    token = cluster.env["RAY_AUTH_TOKEN"]
+    ok = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(ok, timeout=30) as response:
+        assert response.status == 200
+
+    jobs = subprocess.run([RAY, "job", "list", "--address", cluster.dashboard], env=outsider,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert jobs.returncode != 0, jobs.stdout
+    assert cluster.ray("job", "list") is not None  # with the token (check=True)
+
+    connect = (f"import ray; ray.init('ray://127.0.0.1:{cluster.client_port}'); "
+               "print('CONNECTED', ray.cluster_resources())")
+    client = subprocess.run(
+        [sys.executable, "-c", connect],
+        env=outsider, capture_output=True, text=True, timeout=300, check=False)
+    assert client.returncode != 0 and "CONNECTED" not in client.stdout, client.stdout[-2000:]
+    said = (client.stdout + client.stderr).lower()
+    assert "token" in said or "unauthenticated" in said or "auth" in said, said[-2000:]
+
+
+@pytest.mark.timeout(900)
+def test_ray_app_submit_leaves_its_outputs_at_the_printed_place_and_resumes_from_them(
+        cluster, small_data, tokenized, tmp_path):
+    """Relative run paths are placed under --storage before the job starts (here the
+    cluster's storage root, so the tokenized cache is reused), printed, and found again by
+    the same command."""
+    cfg = tiny_config(small_data, tmp_path, train={"max_steps": 4, "checkpoint_every": 2},
+                      run={"name": "placed", "storage_path": "storage",
+                           "output_dir": "outputs/placed"})
+    config = tmp_path / "placed.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    command = ["submit", str(config), "--address", cluster.dashboard,
+               "--storage", str(cluster.root)]
+    first = _ray_app(cluster, *command)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    output = cluster.root / "outputs" / "placed"
+    assert f"adapter {output}/final" in first.stdout
+    assert f"checkpoints {cluster.storage}/placed" in first.stdout
+    summary = json.loads((output / "run_summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["train"]["steps"] == 4
+    assert (output / "final" / "adapter_model.safetensors").is_file()
+    assert list((cluster.storage / "placed").glob("step_0000004-*"))
+    assert "working_dir_files" not in json.dumps(summary)
+
+    again = _ray_app(cluster, *command)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "Run 'placed' exists" in again.stdout and "resuming it" in again.stdout
+    resumed = json.loads((output / "run_summary.json").read_text())
+    assert resumed["train"]["resumed_from_step"] == 4 and resumed["train"]["steps"] == 4
+
+
 def test_a_ray_client_session_runs_the_data_report(cluster, small_data, tmp_path):
     config = _config_file(cluster, tmp_path, small_data, "client")
     address = f"ray://127.0.0.1:{cluster.client_port}"

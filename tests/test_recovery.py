@@ -1,16 +1,31 @@
 """Exact recovery: after a worker-group failure the run trains on every sample once, in
-the order an uninterrupted run uses; SIGTERM checkpoints at the next step; a corrupted
-checkpoint is skipped; a reused run name with other settings is refused."""
+the order an uninterrupted run uses, with the same optimizer state; SIGTERM checkpoints at
+the next step; a killed driver and a corrupted newest checkpoint still end with the adapter;
+a reused run name with other settings is refused; checkpoints beyond keep_checkpoints are
+deleted and no local copy of any is left behind; a planted pickle is refused unrun."""
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
 import pytest
+import yaml
 from rich.console import Console
-from support import tiny_config
+from support import checkpoint_folders, newest_checkpoint, optimizer_tensors, tiny_config
 
 from ray_app.config import validate_config
 from ray_app.errors import UserError
-from ray_app.train.faults import FAIL_AT_STEP_ENV, SIGTERM_AT_STEP_ENV
+from ray_app.train import checkpoint as ckpt
+from ray_app.train.faults import FAIL_AT_STEP_ENV, SIGTERM_AT_STEP_ENV, STEP_DELAY_ENV
 from ray_app.train.run import run_training
 from ray_app.train.trace import committed_steps
 
@@ -34,7 +49,8 @@ def straight(ray_cluster, small_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("straight")
     summary = _train(_config(small_data, tmp, "straight", output_dir=str(tmp / "out")))
     assert summary["status"] == "succeeded", summary.get("error")
-    return summary, committed_steps(tmp / "storage" / "straight" / "sample_trace")
+    run = tmp / "storage" / "straight"
+    return summary, committed_steps(run / "sample_trace"), optimizer_tensors(newest_checkpoint(run))
 
 
 def test_worker_failure_resumes_exactly_where_the_uninterrupted_run_would_be(
@@ -49,10 +65,14 @@ def test_worker_failure_resumes_exactly_where_the_uninterrupted_run_would_be(
     assert restart["resumed_from_step"] == 4 and restart["recovery_s"] > 0
     assert restart["steps_lost"] == 0  # step 5 failed before it was reported
     steps = committed_steps(tmp_path / "storage" / "crashy" / "sample_trace")
-    expected_summary, expected_steps = straight
+    expected_summary, expected_steps, expected_optimizer = straight
     assert steps == expected_steps and sorted(steps) == list(range(1, STEPS + 1))
     trained = [i for ids in steps.values() for i in ids]
     assert len(trained) == len(set(trained)) == STEPS * 4 * 2  # none repeated, none skipped
+    optimizer = optimizer_tensors(newest_checkpoint(tmp_path / "storage" / "crashy"))
+    assert optimizer.keys() == expected_optimizer.keys() and optimizer
+    for name, tensor in optimizer.items():  # Adam moments and step counts at step 6
+        assert tensor.allclose(expected_optimizer[name], rtol=1e-5, atol=1e-8), name
     assert summary["eval"]["loss_final"] == pytest.approx(expected_summary["eval"]["loss_final"],
                                                           rel=0.02)
 
@@ -100,7 +120,8 @@ def test_driver_rerun_skips_a_corrupted_checkpoint_and_refuses_other_settings(
     assert crashed["status"] == "failed" and "injected failure at step 5" in crashed["error"]
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
     run_dir = tmp_path / "storage" / "rerun"
-    adapter = run_dir / "step_0000004" / "adapter_model.safetensors"
+    [step4] = [f for f in checkpoint_folders(run_dir) if f.name.startswith("step_0000004-")]
+    adapter = step4 / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])  # a truncated upload
 
     other = _config(small_data, tmp_path, "rerun", max_failures=0)
@@ -113,5 +134,124 @@ def test_driver_rerun_skips_a_corrupted_checkpoint_and_refuses_other_settings(
     assert resumed["train"]["resumed_from_step"] == 2 and resumed["train"]["steps"] == STEPS
     [restart] = resumed["train"]["restart_history"]
     assert restart["cause"].startswith("driver restarted")
-    assert any("step_0000004" in w and "does not match its manifest" in w
+    assert any(step4.name in w and "does not match its manifest" in w
                for w in restart["warnings"])
+    # The rerun wrote step 4 into a new folder; the corrupted one was never written into.
+    assert adapter.stat().st_size == 100
+    assert len([f for f in checkpoint_folders(run_dir) if f.name.startswith("step_0000004-")]) == 2
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    tree = [*parent.children(recursive=True), parent]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_driver_and_a_corrupted_newest_checkpoint_still_end_with_the_adapter(
+        ray_cluster, small_data, tmp_path):
+    """The driver (and the local cluster it started) is SIGKILLed after the step-4
+    checkpoint; that checkpoint is then overwritten with garbage. The rerun skips it,
+    resumes from step 2, and with keep_checkpoints=2 Ray Train's eviction of the bad folder
+    must not touch the new ones: the run ends succeeded with the adapter exported."""
+    cfg = _config(small_data, tmp_path, "killed", max_failures=0)
+    cfg["train"]["keep_checkpoints"] = 2
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "storage" / "killed"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ray_app", "train", str(config), "--num-cpus", "2"],
+        env={**os.environ, STEP_DELAY_ENV: "1.5"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while not any(f.name.startswith("step_0000004-") and ckpt.problem_with(f) is None
+                      for f in checkpoint_folders(run_dir)):
+            assert driver.poll() is None, "the driver ended before its step-4 checkpoint"
+            assert time.monotonic() < deadline, "no step-4 checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        _kill_tree(driver)
+    newest = newest_checkpoint(run_dir)
+    assert newest.name.startswith("step_0000004-")
+    (newest / "adapter_model.safetensors").write_bytes(os.urandom(4096))
+
+    summary = _train(cfg)
+    assert summary["status"] == "succeeded", summary.get("error")
+    train = summary["train"]
+    assert train["steps"] == STEPS and train["resumed_from_step"] == 2
+    assert any(newest.name in w for r in train["restart_history"] for w in r["warnings"])
+    final = Path(summary["adapter_path"])
+    assert (final / "adapter_model.safetensors").stat().st_size > 0
+    left = {f.name[:12] for f in checkpoint_folders(run_dir)}
+    assert left == {"step_0000004", "step_0000006"} and not newest.exists()
+
+
+@pytest.fixture(scope="module")
+def many_checkpoints(ray_cluster, small_data, tmp_path_factory):
+    """20 steps with a checkpoint at every step and keep_checkpoints=2, while a thread
+    records the most checkpoint staging folders present on this machine at once."""
+    tmp = tmp_path_factory.mktemp("many")
+    cfg = tiny_config(small_data, tmp, train={"max_steps": 20, "checkpoint_every": 1,
+                                              "keep_checkpoints": 2, "batch_size_per_worker": 2},
+                      run={"name": "many", "max_failures": 0})
+    most, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if ckpt.STAGING_ROOT.is_dir():
+                most[0] = max(most[0], len(list(ckpt.STAGING_ROOT.iterdir())))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = _train(cfg)
+    finally:
+        done.set()
+        watcher.join()
+    assert summary["status"] == "succeeded", summary.get("error")
+    return tmp / "storage" / "many", most[0]
+
+
+def test_twenty_checkpoints_leave_the_newest_two_in_storage_and_none_on_local_disk(
+        many_checkpoints):
+    run_dir, most_staged = many_checkpoints
+    assert sorted(f.name[:12] for f in checkpoint_folders(run_dir)) == [
+        "step_0000019", "step_0000020"]
+    assert 1 <= most_staged <= 2  # one rank's part at a time per worker, never accumulating
+    assert not ckpt.STAGING_ROOT.is_dir() or not list(ckpt.STAGING_ROOT.iterdir())
+
+
+class _Payload:
+    """What an attacker with write access to the bucket would plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("victim", ["rng_rank0000.pt", "optimizer.pt"])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_run(
+        many_checkpoints, tmp_path, victim):
+    run_dir, _ = many_checkpoints
+    folder = tmp_path / "planted"
+    shutil.copytree(newest_checkpoint(run_dir), folder)
+    assert ckpt.problem_with(folder) is None
+    marker = tmp_path / "pwned"
+    (folder / victim).write_bytes(pickle.dumps({"state": _Payload(marker)}))
+    # The attacker rewrites the manifest too, so that only the content can give it away.
+    manifest = folder / "manifest_rank0000.json"
+    entries = json.loads(manifest.read_text())
+    entries[victim] = list(ckpt._digest(folder / victim))
+    manifest.write_text(json.dumps(entries))
+    problem = ckpt.problem_with(folder)
+    assert problem and victim in problem and "refused" in problem
+    assert not marker.exists()

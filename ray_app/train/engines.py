@@ -18,6 +18,7 @@ import torch
 
 from ray_app.config import Config
 from ray_app.model.loading import decoder_layers
+from ray_app.train.safe_load import guard_deepspeed_loads, safe_load
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -87,8 +88,8 @@ class Engine:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(self.peft_model, load_file(folder / "adapter_model.safetensors"))
-        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+        self.optimizer.load_state_dict(safe_load(folder / OPTIMIZER_FILE))
+        self.scheduler.load_state_dict(safe_load(folder / SCHEDULER_FILE))
 
 
 class FSDPEngine(Engine):
@@ -147,9 +148,9 @@ class FSDPEngine(Engine):
         names = {n for n, _ in self.model.named_parameters()}
         full = {_model_key(k, names): v for k, v in adapter.items()}
         set_model_state_dict(self.model, full, options=self._options(strict=False))
-        optim = torch.load(folder / OPTIMIZER_FILE, weights_only=False)
+        optim = safe_load(folder / OPTIMIZER_FILE)
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=self._options())
-        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+        self.scheduler.load_state_dict(safe_load(folder / SCHEDULER_FILE))
 
 
 def _model_key(adapter_key: str, names: set[str]) -> str:
@@ -177,6 +178,7 @@ class DeepSpeedEngine(Engine):
             model=peft_model, optimizer=optimizer, lr_scheduler=scheduler_factory(optimizer),
             config=deepspeed_config(cfg), dist_init_required=False,
         )
+        guard_deepspeed_loads(self.engine)
         self.model = self.engine
         self.params = params
 

@@ -32,5 +32,10 @@ def inject(faults: dict[str, float], step: int, rank: int, resumed: bool) -> Non
     if step == faults.get("fail_at_step"):
         raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
     if step == faults.get("sigterm_at_step") and rank == 0:
+        from ray_app.train.preemption import SIGTERM_SEEN
+
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)  # the handler runs on the main thread; let it before the step ends
+        # The handler runs on the main thread, this loop on another: wait until it has run,
+        # so the notice is seen at this step's boundary, as a real one would be at some step.
+        if not SIGTERM_SEEN.wait(timeout=60):
+            raise RuntimeError("the SIGTERM handler did not run within 60 s")

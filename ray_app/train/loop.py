@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import ray.train
+import ray.train.collective
 import torch
 import torch.distributed as dist
 
@@ -94,6 +95,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                             t.batch_size_per_worker, device, autocast)
                                  if eval_shard else None)
 
+    # This attempt's checkpoint folders never reuse a folder an earlier attempt wrote.
+    attempt = ray.train.collective.broadcast_from_rank_zero(ckpt.new_attempt_id())
+
     def publish(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         metrics = {**metrics, "restarts": state.restarts, "total_steps": plan.total_steps,
                    **{f"{k}_initial": v for k, v in state.eval_initial.items()}}
@@ -101,7 +105,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and hub is not None:
             hub.update.remote(metrics)
         ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"step_{state.step:07d}" if checkpoint else None)
+                         checkpoint_dir_name=(ckpt.folder_name(state.step, attempt)
+                                              if checkpoint else None))
 
     eval_now = evaluate()
     initial = {"step": state.step, "epoch": state.epoch, **eval_now, "resumed": resumed,
@@ -130,7 +135,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                            start_step=start_step, tokens_seen=state.tokens_seen)
         state.world_size = world
         metrics.setdefault("step", state.step)
-        publish(metrics, ckpt.save(engine, state, rank))
+        with ckpt.staged(engine, state, rank) as folder:
+            publish(metrics, folder)
         last_checkpoint_step = state.step
     while state.step < plan.total_steps:
         # The epoch's order is fixed by (seed, epoch, world size); the cursor skips what

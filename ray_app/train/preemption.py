@@ -29,6 +29,7 @@ from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
 _SIGTERM_AT: list[float] = []  # when this process got SIGTERM (empty: not yet)
+SIGTERM_SEEN = threading.Event()  # set by the handler (it runs on the main thread)
 
 
 class PreemptedError(RuntimeError):
@@ -39,6 +40,7 @@ def install_sigterm_handler(grace_s: float) -> None:
     def on_sigterm(signum, frame) -> None:
         if not _SIGTERM_AT:
             _SIGTERM_AT.append(time.monotonic())
+            SIGTERM_SEEN.set()
             timer = threading.Timer(grace_s, os._exit, args=(1,))  # no step boundary in time
             timer.daemon = True
             timer.start()

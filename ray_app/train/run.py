@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray_app.secrets import redact
 from ray_app.summary import write_summary
 from ray_app.train.faults import injected_faults
 from ray_app.train.identity import check_run_identity
+from ray_app.train.lease import RunLease
 from ray_app.train.loop import train_loop_per_worker
 from ray_app.train.plan import plan_steps
 from ray_app.train.preemption import PreemptibleTorchConfig
@@ -72,10 +74,18 @@ def check_packages(cfg: Config) -> None:
 
 
 def run_training(cfg: Config, console: Console) -> dict[str, Any]:
+    """The whole run on the driver: checks, data, training, final adapter, summary."""
     check_packages(cfg)
     output = cfg.output_path()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = check_tokenizer(cfg)
+    with RunLease(cfg.storage_uri(), cfg.run.name, "train") as lease:
+        if lease.warning:
+            console.print(f"[yellow]{lease.warning}[/yellow]", highlight=False)
+        return _train(cfg, console, tokenizer, output)
+
+
+def _train(cfg: Config, console: Console, tokenizer, output: Path) -> dict[str, Any]:
     if check_run_identity(cfg):
         console.print(f"Run {cfg.run.name!r} exists in {redact(cfg.storage_uri())}: resuming it.")
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
@@ -195,13 +205,30 @@ def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[s
 
 
 def export_adapter(cfg: Config, checkpoint, final: Path) -> Path:
-    """Copies the adapter (not optimizer state) out of the last checkpoint, plus the tokenizer."""
-    if final.exists():
-        shutil.rmtree(final)
-    final.mkdir(parents=True)
-    with checkpoint.as_directory() as folder:
-        for name in ADAPTER_FILES:
-            if (Path(folder) / name).exists():
-                shutil.copy2(Path(folder) / name, final / name)
-    load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code).save_pretrained(final)
+    """Copies the adapter (not optimizer state) out of a checkpoint, plus the tokenizer.
+
+    The copy is built beside `final` and swapped in whole, so a crash mid-export leaves the
+    previous export (or none), never a half-written one."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        with checkpoint.as_directory() as folder:
+            for name in ADAPTER_FILES:
+                if (Path(folder) / name).exists():
+                    shutil.copy2(Path(folder) / name, building / name)
+        load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code).save_pretrained(building)
+        replace_folder(building, final)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return final
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Puts folder `new` at `target` (same file system), replacing what was there; the old
+    one is moved aside first and removed only after the new one is in place."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -28,6 +28,7 @@ from ray_app.data.report import render_report
 from ray_app.errors import UserError
 from ray_app.secrets import redact
 from ray_app.summary import write_summary
+from ray_app.train.lease import RunLease
 from ray_app.train.plan import plan_steps
 from ray_app.train.run import check_packages, check_tokenizer, export_adapter, materialise_builtin
 from ray_app.train.tracking import tune_callbacks
@@ -63,6 +64,15 @@ def run_study(cfg: Config, console: Console, resume: bool = False,
     output = cfg.output_path()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = check_tokenizer(cfg)
+    # One lease for the name: a study and a `ray-app train` of one name exclude each other.
+    with RunLease(cfg.storage_uri(), cfg.run.name, "tune") as lease:
+        if lease.warning:
+            console.print(f"[yellow]{lease.warning}[/yellow]", highlight=False)
+        return _study(cfg, console, resume, callbacks, tokenizer, output)
+
+
+def _study(cfg: Config, console: Console, resume: bool, callbacks: Sequence[tune.Callback],
+           tokenizer, output: Path) -> dict[str, Any]:
     path = study_path(cfg)
     restoring = _check_study(cfg, path, resume)
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
