@@ -66,7 +66,8 @@ def _batch(lines, fmt="alpaca", bad_utf8=None):
             "line": np.arange(1, n + 1), "text": np.array(lines, dtype=object),
             "bad_utf8": np.array(bad_utf8 or [False] * n),
             "num_bytes": np.array([len(x.encode()) for x in lines]),
-            "file_format": np.array([fmt] * n), "role": np.array(["train"] * n)}
+            "file_format": np.array([fmt] * n), "role": np.array(["train"] * n),
+            "error": np.array([""] * n)}
 
 
 def test_truncation_that_leaves_no_answer_rejects_the_record():

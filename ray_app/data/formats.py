@@ -8,6 +8,7 @@ message is the reject reason the user reads in `<output>/rejects/`.
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,10 @@ class Preference:
 
 
 def parse_line(text: str) -> dict[str, Any]:
+    """The line as a JSON object, or RecordError with the reason; raises nothing else.
+
+    NaN and Infinity are read as numbers, as Python's own json writes them; a duplicated
+    key keeps its last value."""
     stripped = text.lstrip("\ufeff").strip()  # a byte-order mark is not an error
     if not stripped:
         raise RecordError("empty line")
@@ -45,6 +50,11 @@ def parse_line(text: str) -> dict[str, Any]:
         record = json.loads(stripped)
     except json.JSONDecodeError as err:
         raise RecordError(f"invalid JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:  # the C parser guards its stack with the recursion limit
+        raise RecordError("invalid JSON: nested too deeply (more levels of [ or { than "
+                          "Python's recursion limit)") from None
+    except ValueError as err:  # an integer over Python's 4,300-digit limit
+        raise RecordError(f"invalid JSON: {str(err).split(';')[0]}") from None
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a JSON object, got {type(record).__name__}")
     return record
@@ -132,7 +142,25 @@ def _string(record: dict[str, Any], key: str, *, required: bool = True, where: s
         raise RecordError(f"field {where}{key!r} must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise RecordError(f"field {where}{key!r} is empty")
+    return _unicode(value, f"field {where}{key!r}")
+
+
+def _unicode(value: str, what: str) -> str:
+    """`value`, or RecordError when it holds a lone surrogate: valid JSON ("\\ud800"), but
+    no tokenizer can encode it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RecordError(f"{what} is not valid Unicode: lone surrogate "
+                          f"\\u{ord(value[err.start]):04x} at character {err.start}") from None
     return value
+
+
+def _show(value: Any) -> str:
+    """A short repr for reject reasons: the value may be megabytes or deeply nested."""
+    short = reprlib.Repr()  # keyword arguments only from Python 3.12
+    short.maxlevel, short.maxstring, short.maxother, short.maxlist, short.maxdict = 2, 40, 40, 4, 4
+    return short.repr(value)
 
 
 def _alpaca(record: dict[str, Any], name) -> list[Turn]:
@@ -166,14 +194,16 @@ def _messages(record: dict[str, Any], name, trained_roles: tuple[str, ...], *,
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise RecordError(f"{where}[{i}] must be an object, got {type(message).__name__}")
-        role = message.get(role_key, _SHAREGPT_ROLES.get(message.get("from", "")))
+        sender = message.get("from")
+        role = message.get(role_key, _SHAREGPT_ROLES.get(sender) if isinstance(sender, str) else None)
         content = message.get(content_key_, message.get("value"))
-        if role not in ROLES:
-            raise RecordError(f"{where}[{i}] has unknown role {role!r}; expected one of "
+        if not isinstance(role, str) or role not in ROLES:
+            raise RecordError(f"{where}[{i}] has unknown role {_show(role)}; expected one of "
                               f"{', '.join(ROLES)}")
         if not isinstance(content, str):
             raise RecordError(f"{where}[{i}].content must be a string, got "
                               f"{type(content).__name__}")
+        _unicode(content, f"{where}[{i}].content")
         if role == "system" and i != 0:
             raise RecordError(f"{where}[{i}]: a system message may only come first")
         if role != "system" and not content.strip():

@@ -44,6 +44,7 @@ class DataReport:
     sequence_tokens: int = 0
     packing_efficiency: float = 0.0  # sequence_tokens / (train_sequences * max_seq_len)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each pass
+    warnings: list[str] = field(default_factory=list)  # shown with the report (no chat template)
 
     def balanced(self) -> bool:
         """records_read == accepted + rejected + duplicates, per source and in total."""
@@ -104,7 +105,9 @@ def report_from_counts(groups: list[dict[str, Any]], files: dict[str, SourceCoun
 
 
 def render_report(report: DataReport, console, *, cached: bool = False, rejects_dir=None) -> None:
-    """The data report as a console table."""
+    """The data report as a console table. Paths and reasons quote the data, so they are
+    escaped: a '[/]' in a record must not be read as console markup."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="Data" + (" (tokenized cache reused)" if cached else ""))
@@ -113,8 +116,8 @@ def render_report(report: DataReport, console, *, cached: bool = False, rejects_
         table.add_column(column, justify="left" if column in ("source", "format",
                                                               "rejected because") else "right")
     for f in report.files:
-        why = "; ".join(f"{n} {r}" for r, n in f.reject_reasons.items())
-        table.add_row(_short(f.path), f.format or "?", f"{f.weight:g}", str(f.records_read),
+        why = escape("; ".join(f"{n} {r}" for r, n in f.reject_reasons.items()))
+        table.add_row(escape(_short(f.path)), f.format or "?", f"{f.weight:g}", str(f.records_read),
                       str(f.accepted), str(f.rejected), str(f.duplicates), why)
     table.add_row("[bold]total", "", "", str(report.records_read), str(report.accepted),
                   str(report.rejected), str(report.duplicates), "")
@@ -130,9 +133,11 @@ def render_report(report: DataReport, console, *, cached: bool = False, rejects_
                       f"tokens; packing efficiency {report.packing_efficiency:.1%} "
                       "(non-pad share of sequence slots)")
     if report.rejected:
-        reasons = "; ".join(f"{n} x {r}" for r, n in report.reject_reasons.items())
-        where = f" Details: {rejects_dir}/rejects.jsonl" if rejects_dir else ""
+        reasons = escape("; ".join(f"{n} x {r}" for r, n in report.reject_reasons.items()))
+        where = escape(f" Details: {rejects_dir}/rejects.jsonl") if rejects_dir else ""
         console.print(f"[yellow]Rejected {report.rejected} records:[/yellow] {reasons}.{where}")
+    for warning in report.warnings:
+        console.print(f"[yellow]Warning:[/yellow] {escape(warning)}", highlight=False)
 
 
 def _short(path: str, keep: int = 60) -> str:

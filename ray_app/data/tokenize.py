@@ -40,28 +40,79 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def segments(turns: list[Turn], tokenizer) -> list[tuple[str, bool]]:
     """(text, trained) pieces whose concatenation is the full rendered record."""
+    return render(turns, tokenizer)[0]
+
+
+def render(turns: list[Turn], tokenizer,
+           stop_after_tokens: int | None = None) -> tuple[list[tuple[str, bool]], bool]:
+    """(pieces, cut): the (text, trained) pieces of the record, and whether rendering
+    stopped early because the pieces already held more than `stop_after_tokens` tokens.
+
+    Each trained turn renders the conversation up to it, so a record of n turns costs n^2
+    message renders (10,000 turns: minutes). Beyond the token limit the rest would be
+    truncated away or the record rejected, so the pieces are counted at doubling lengths
+    and rendering stops there: the first `stop_after_tokens` tokens are the same."""
     if turns[0].role == "text":
         bos = tokenizer.bos_token or ""
-        return [(bos, False), (turns[0].content + (tokenizer.eos_token or ""), True)]
+        return [(bos, False), (turns[0].content + (tokenizer.eos_token or ""), True)], False
     if not getattr(tokenizer, "chat_template", None):
-        return _plain_segments(turns, tokenizer)
+        return _plain_segments(turns, tokenizer), False
     messages = [{"role": t.role, "content": t.content} for t in turns]
     pieces: list[tuple[str, bool]] = []
     done = ""
+    check_at = stop_after_tokens
     for i, turn in enumerate(turns):
         if not turn.trained:
             continue
         # An assistant turn's header comes with the generation prompt, so it is not trained.
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False,
-                                               add_generation_prompt=turn.role == "assistant") \
-            if i else ""
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prompt = _apply_template(tokenizer, messages[:i],
+                                 add_generation_prompt=turn.role == "assistant") if i else ""
+        full = _apply_template(tokenizer, messages[: i + 1])
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise RecordError("the tokenizer's chat template does not render conversations "
                               "prefix by prefix, so prompt tokens cannot be masked")
         pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
-    return [p for p in pieces if p[0]]
+        if check_at is not None and len(done) >= check_at:
+            if (_count_tokens(pieces, tokenizer) > stop_after_tokens
+                    and any(t.trained for t in turns[i + 1:])):
+                return [p for p in pieces if p[0]], True
+            check_at = 2 * len(done)
+    return [p for p in pieces if p[0]], False
+
+
+def _apply_template(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:
+    """The template's rendering, or RecordError with the template's own message: templates
+    refuse conversations they cannot take (Mistral: roles must alternate; Gemma: no system
+    role) through jinja errors, and being foreign code they may raise anything else."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        detail = str(err) if type(err).__module__.startswith("jinja2") else \
+            f"{type(err).__name__}: {err}"
+        raise RecordError(f"chat template error: {detail}") from None
+
+
+def _count_tokens(pieces: list[tuple[str, bool]], tokenizer) -> int:
+    texts = [text for text, _ in pieces if text]
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) \
+        if texts else 0
+
+
+def chat_template_warning(tokenizer) -> str | None:
+    """The warning to show when `tokenizer` has no chat template (base models), else None.
+
+    Records other than plain text are then rendered with PLAIN_PROMPT; the data report
+    carries this warning when any such record was accepted."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    return (f"The tokenizer {name} has no chat template: alpaca, messages and preference "
+            f"records are rendered as {PLAIN_PROMPT!r} + answer + EOS (the prompt turns "
+            "joined by blank lines), and only assistant turns are trained, whatever "
+            "data.train_on_roles says. To train in a chat format, set model.tokenizer to a "
+            "tokenizer that has a chat template (such as the instruct model's), or add a "
+            "chat_template.jinja to the tokenizer folder.")
 
 
 def _plain_segments(turns: list[Turn], tokenizer) -> list[tuple[str, bool]]:
@@ -108,6 +159,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32())),
 ])
 RAW_KEEP = 2000  # characters of a rejected line kept in the reject report
+REASON_KEEP = 500  # characters of a reject reason
 
 
 @dataclass(frozen=True)
@@ -138,22 +190,32 @@ class RecordRules:
 
 class TokenizeRecords:
     """Ray Data callable class: one tokenizer per actor, loaded once. Every input line
-    becomes one output row, accepted (with tokens and labels) or rejected (with a reason)."""
+    becomes one output row, accepted (with tokens and labels) or rejected (with a reason):
+    whatever a line holds, no exception leaves this class and no row is dropped."""
 
     def __init__(self, tokenizer_path: str, rules: RecordRules, trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
         self.rules = rules
+        # Past this many tokens a record's outcome is settled (see `render`).
+        self.stop_after = max(rules.max_seq_len, rules.max_tokens or 0, rules.min_tokens)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         # Parse and render every record first, then tokenize all their pieces in one call:
         # the fast tokenizer's batch path is far quicker than one call per record.
         parsed = [self.parse(batch, i) for i in range(len(batch["line"]))]
         texts = [text for _, views in parsed for pieces in views for text, _ in pieces]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        try:
+            encoded = iter(self._encode(texts))
+        except Exception:  # noqa: BLE001 - a text it refuses: find it record by record below
+            encoded = None
         rows = []
         for i, (row, views) in enumerate(parsed):
             if views:
-                self.finish(row, [_join(pieces, encoded) for pieces in views], str(batch["text"][i]))
+                text = str(batch["text"][i])
+                tokens = ([_join(pieces, encoded) for pieces in views] if encoded is not None
+                          else self._tokenize_alone(row, views, text))
+                if tokens is not None:
+                    self.finish(row, tokens, text)
             rows.append(row)
         return _to_table(rows)
 
@@ -168,9 +230,12 @@ class TokenizeRecords:
             "raw": "", "format": "", "split": "eval" if role == "eval" else "",
             "content_hash": "", "num_tokens": 0, "trained_tokens": 0, "input_ids": [],
             "labels": [], "rejected_input_ids": [], "rejected_labels": [],
+            "_cut": False,  # rendering stopped at the token limit (not an output column)
         }
         text = str(batch["text"][i])
         try:
+            if batch["error"][i]:  # the file breaks off here (truncated or corrupt)
+                raise RecordError(str(batch["error"][i]))
             size = int(batch["num_bytes"][i])
             if size > rules.max_record_bytes:
                 raise RecordError(f"record too large: {size} bytes > "
@@ -191,24 +256,27 @@ class TokenizeRecords:
                 pair = to_preference(record, fields)
                 turns = pair.prompt + [pair.chosen]
                 key = content_key(turns + [Turn("rejected", pair.rejected.content, True)])
-                views = [segments(turns, self.tokenizer),
-                         segments(pair.prompt + [pair.rejected], self.tokenizer)]
+                rendered = [render(turns, self.tokenizer, self.stop_after),
+                            render(pair.prompt + [pair.rejected], self.tokenizer, self.stop_after)]
             else:
                 turns = to_turns(record, fmt, fields, rules.trained_roles)
                 key = content_key(turns)
-                views = [segments(turns, self.tokenizer)]
+                rendered = [render(turns, self.tokenizer, self.stop_after)]
             digest, split = split_of(key, rules.eval_fraction)
-            row.update(content_hash=digest, split=row["split"] or split)
-            return row, views
+            row.update(content_hash=digest, split=row["split"] or split,
+                       _cut=any(cut for _, cut in rendered))
+            return row, [pieces for pieces, _ in rendered]
         except RecordError as err:
-            self.reject(row, err, text)
-            return row, []
+            self.reject(row, str(err), text)
+        except Exception as err:  # noqa: BLE001 - the last guard: a reason, never a crash
+            self.reject(row, unexpected(err), text)
+        return row, []
 
     def finish(self, row: dict[str, Any], tokens: list[tuple[list[int], list[int]]],
                text: str) -> None:
         """Applies the length rules to the tokenized views and fills the row."""
         try:
-            (ids, labels), *rest = [self._limit(*t) for t in tokens]
+            (ids, labels), *rest = [self._limit(*t, cut=row["_cut"]) for t in tokens]
             trained = int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE))
             if trained == 0:
                 raise RecordError(f"no trainable tokens within max_seq_len={self.rules.max_seq_len}")
@@ -219,37 +287,63 @@ class TokenizeRecords:
             if rest:
                 row.update(rejected_input_ids=rest[0][0], rejected_labels=rest[0][1])
         except RecordError as err:
-            self.reject(row, err, text)
+            self.reject(row, str(err), text)
+        except Exception as err:  # noqa: BLE001 - the last guard: a reason, never a crash
+            self.reject(row, unexpected(err), text)
 
     def one(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         """One record on its own (tests and debugging)."""
         row, views = self.parse(batch, i)
         if views:
-            self.finish(row, [tokenize_segments(v, self.tokenizer) for v in views],
-                        str(batch["text"][i]))
+            text = str(batch["text"][i])
+            tokens = self._tokenize_alone(row, views, text)
+            if tokens is not None:
+                self.finish(row, tokens, text)
         return row
 
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def _tokenize_alone(self, row: dict[str, Any], views, text: str):
+        """The record's views tokenized on their own, or None when the tokenizer refuses
+        one of its texts (the row is then rejected with the tokenizer's error)."""
+        try:
+            return [_join(pieces, iter(self._encode([t for t, _ in pieces]))) for pieces in views]
+        except Exception as err:  # noqa: BLE001 - tokenizers raise TypeError, ValueError, ...
+            self.reject(row, f"cannot tokenize: {type(err).__name__}: {err}", text)
+            return None
+
     @staticmethod
-    def reject(row: dict[str, Any], err: RecordError, text: str) -> None:
-        reason = f"{err} ({row['format']} format)" if row["format"] else str(err)
+    def reject(row: dict[str, Any], reason: str, text: str) -> None:
+        reason = f"{reason} ({row['format']} format)" if row["format"] else reason
+        # A reason quotes the record, which may be long or hold lone surrogates that Arrow
+        # cannot store.
+        reason = reason[:REASON_KEEP].encode("utf-8", "backslashreplace").decode("utf-8")
         row.update(status="rejected", reason=reason, raw=text[:RAW_KEEP], content_hash="",
                    num_tokens=0, trained_tokens=0, input_ids=[], labels=[],
                    rejected_input_ids=[], rejected_labels=[])
 
-    def _limit(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Applies min_tokens / max_tokens / max_seq_len (may raise RecordError)."""
+    def _limit(self, ids: list[int], labels: list[int], cut: bool = False) -> tuple[list[int], list[int]]:
+        """Applies min_tokens / max_tokens / max_seq_len (may raise RecordError). With
+        `cut`, the record has more tokens than `ids` (rendering stopped early)."""
         rules = self.rules
         n = len(ids)
+        count = f"more than {n}" if cut else str(n)
         if rules.max_tokens is not None and n > rules.max_tokens:
-            raise RecordError(f"too long: {n} tokens > data.max_tokens={rules.max_tokens}")
+            raise RecordError(f"too long: {count} tokens > data.max_tokens={rules.max_tokens}")
         if n < rules.min_tokens:
             raise RecordError(f"too short: {n} tokens < data.min_tokens={rules.min_tokens}")
         if n > rules.max_seq_len:
             if rules.truncation == "reject":
-                raise RecordError(f"too long: {n} tokens > data.max_seq_len={rules.max_seq_len} "
-                                  "(data.truncation=reject)")
+                raise RecordError(f"too long: {count} tokens > data.max_seq_len="
+                                  f"{rules.max_seq_len} (data.truncation=reject)")
             ids, labels = ids[: rules.max_seq_len], labels[: rules.max_seq_len]
         return ids, labels
+
+
+def unexpected(err: Exception) -> str:
+    """The reject reason for an error no rule foresaw: its type and message."""
+    return f"unexpected error: {type(err).__name__}: {str(err)[:300]}"
 
 
 def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
