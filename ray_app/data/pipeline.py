@@ -6,18 +6,22 @@
       -> per-source weights, packing                  (map_batches)     -> train/, eval/
       -> counts per source, status and reason         (groupby)         -> report.json
 
-Everything is written once, streaming, to `<storage>/datasets/<fingerprint>/` (keyed by
-the inputs, the tokenizer and the data config) and reused by later runs and Tune trials.
-`records/` holds every input line, accepted or not; `train/` the sequences the workers
-train on (see `ray_app.data.order` for their order); `eval/` the eval records.
+Everything is written once, streaming, to a build folder of its own,
+`<storage>/datasets/<fingerprint>/build-<start time>-<id>/` (the fingerprint keys the
+inputs, the tokenizer and the data config), and published by `report.json` next to it,
+which names that build; later runs and Tune trials reuse it. `records/` holds every input
+line, accepted or not; `train/` the sequences the workers train on (see
+`ray_app.data.order` for their order); `eval/` the eval records.
 """
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +41,15 @@ from ray_app.data.order import CHUNK_ROWS, COLUMNS, PAIR_COLUMNS, TrainStream, i
 from ray_app.data.pack import pack_batch, pair_batch
 from ray_app.data.report import DataReport, SourceCounts, report_from_counts
 from ray_app.data.sources import expand_sources
-from ray_app.data.tokenize import RecordRules, TokenizeRecords
+from ray_app.data.tokenize import (
+    RecordRules,
+    TokenizeRecords,
+    chat_template_warning,
+    load_tokenizer,
+)
 from ray_app.errors import UserError
 
-PIPELINE_VERSION = "3"  # bump when the tokenized output of the same inputs changes
+PIPELINE_VERSION = "4"  # bump when the tokenized output of the same inputs changes
 COUNT_KEYS = ["source", "status", "reason", "split", "format"]
 TOKENIZE_BATCH = 256
 CPUS_PER_TOKENIZER = 4
@@ -53,7 +62,7 @@ DRIVER_DEDUP_MAX_RECORDS = 2_000_000
 
 @dataclass
 class PreparedData:
-    path: str  # the cache folder: records/, train/, eval/, report.json, train_index.json
+    path: str  # the published build: records/, train/, eval/, train_index.json, rejects.jsonl
     report: DataReport
     cached: bool
 
@@ -128,20 +137,19 @@ def fingerprint(cfg: Config, shards: list[Shard]) -> str:
 
 def prepare(cfg: Config, storage_root: str, rejects_dir: Path) -> PreparedData:
     """Builds the dataset cache (or reuses it), writes the reject report, and enforces
-    data.strict. Call with Ray initialised."""
+    data.strict and a non-empty train set. Call with Ray initialised."""
     shards = resolve_shards(cfg)
     cache = f"{storage_root.rstrip('/')}/datasets/{fingerprint(cfg, shards)}"
-    report_file = f"{cache}/report.json"
-    cached = storage.exists(report_file)
-    if cached:
-        report = DataReport.from_dict(json.loads(storage.read_text(report_file)))
-    else:
-        report = _build(cfg, shards, cache)
-        storage.write_text(report_file, json.dumps(report.to_dict(), indent=2))
-    prepared = PreparedData(path=cache, report=report, cached=cached)
+    published = read_published(cache)
+    cached = published is not None
+    if published is None:
+        published = _build_and_publish(cfg, shards, cache)
+    build, report = published
+    remove_stale_builds(cache, keep=build)
+    prepared = PreparedData(path=f"{cache}/{build}", report=report, cached=cached)
     rejects_dir.mkdir(parents=True, exist_ok=True)
     rejects = rejects_dir / "rejects.jsonl"
-    storage.copy_to_local(f"{cache}/rejects.jsonl", rejects)
+    storage.copy_to_local(f"{prepared.path}/rejects.jsonl", rejects)
     if cfg.data.strict and report.rejected:
         reasons = "; ".join(f"{n} x {r}" for r, n in report.reject_reasons.items())
         raise UserError(
@@ -149,13 +157,85 @@ def prepare(cfg: Config, storage_root: str, rejects_dir: Path) -> PreparedData:
             f"rejected ({reasons}). Every one is listed with file, line and reason in "
             f"{rejects}. Fix or remove them, or set data.strict=false to train on the rest."
         )
+    if report.train_records == 0:
+        raise no_train_records(report, [s.path for s in shards if s.meta.role == "train"], rejects)
     return prepared
 
 
+def no_train_records(report: DataReport, train_paths: list[str], rejects: Path) -> UserError:
+    """The error for a train set with nothing in it, naming each shard and what became of
+    its lines."""
+    files = {f.path: f for f in report.files}
+    lines = []
+    for path in train_paths:
+        f = files[path]
+        parts = [f"{f.records_read} records"] if f.records_read else ["no records (empty file)"]
+        if f.rejected:
+            why = ", ".join(f"{n} x {r}" for r, n in f.reject_reasons.items())
+            parts.append(f"{f.rejected} rejected ({why})")
+        if f.duplicates:
+            parts.append(f"{f.duplicates} duplicates of earlier records")
+        if f.eval_records:
+            parts.append(f"{f.eval_records} in the eval split")
+        lines.append(f"  - {path}: {', '.join(parts)}")
+    return UserError(
+        "There is nothing to train on: no record of data.train was accepted.\n"
+        + "\n".join(lines) + f"\nEvery rejected line is listed with file, line and reason "
+        f"in {rejects}. Fix those lines, or add shards with valid records to data.train.")
+
+
+# The cache of one fingerprint is `<cache>/report.json`, the commit marker, plus the build
+# folder it names. Every build writes into a folder of its own, so concurrent builds of the
+# same inputs (two runs, a Tune study and a run) never touch each other's files, and a
+# killed build leaves a folder that no marker names and so nobody reads.
+MARKER = "report.json"
+BUILD_PREFIX = "build-"
+STALE_BUILD_SECONDS = 24 * 3600  # unnamed builds older than this are leftovers of killed runs
+
+
+def read_published(cache: str) -> tuple[str, DataReport] | None:
+    """(build folder name, report) of the published build, or None."""
+    marker = f"{cache}/{MARKER}"
+    if not storage.exists(marker):
+        return None
+    published = json.loads(storage.read_text(marker))
+    return published["build"], DataReport.from_dict(published["report"])
+
+
+def _build_and_publish(cfg: Config, shards: list[Shard], cache: str) -> tuple[str, DataReport]:
+    build = f"{BUILD_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+    report = _build(cfg, shards, f"{cache}/{build}")
+    marker = json.dumps({"build": build, "report": report.to_dict()}, indent=2)
+    if storage.create_once(f"{cache}/{MARKER}", marker.encode()):
+        return build, report
+    # Another build of the same inputs was published first: use it, so that every user of
+    # this fingerprint reads the same files. Nobody else ever saw this build.
+    storage.remove_dir(f"{cache}/{build}")
+    published = read_published(cache)
+    assert published is not None
+    return published
+
+
+def remove_stale_builds(cache: str, keep: str, now: float | None = None) -> None:
+    """Removes the build folders that no marker names and that started more than
+    STALE_BUILD_SECONDS ago (their name holds the start time): left by killed builds.
+    A younger one may belong to a build still running, and is left alone."""
+    now = time.time() if now is None else now
+    for name in storage.list_dirs(cache):
+        if not name.startswith(BUILD_PREFIX) or name == keep:
+            continue
+        try:
+            started = calendar.timegm(time.strptime(name[len(BUILD_PREFIX):].split("-")[0],
+                                                    "%Y%m%dT%H%M%S"))
+        except ValueError:
+            continue  # not a name this code gave
+        if now - started > STALE_BUILD_SECONDS:
+            storage.remove_dir(f"{cache}/{name}")
+
+
 def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
+    """Builds everything into the new folder `cache`."""
     data = cfg.data
-    for part in ("records", "train", "eval"):  # leftovers of an interrupted run
-        storage.remove_dir(f"{cache}/{part}")
     records = f"{cache}/records"
     has_eval_shards = any(s.meta.role == "eval" for s in shards)
     pairs = cfg.train.method == "dpo"
@@ -176,16 +256,21 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
     clock.lap("dedup")
     files = {s.path: SourceCounts(s.path, format="" if s.meta.format == "auto" else s.meta.format,
                                   weight=s.weight) for s in shards}
-    report = report_from_counts(scan_records(records, duplicates, f"{cache}/rejects.jsonl"), files)
+    groups = scan_records(records, duplicates, f"{cache}/rejects.jsonl")
+    report = report_from_counts(groups, files)
+    if any(g["status"] == "accepted" and g["format"] != "text" for g in groups):
+        warning = chat_template_warning(load_tokenizer(tokenizer_path(cfg),
+                                                       cfg.model.trust_remote_code))
+        report.warnings += [warning] if warning else []
     clock.lap("count_and_rejects")
     weights = {s.meta.source_id: s.weight for s in shards}
-    accepted = (ray.data.read_parquet(records).select_columns([
-        "source_id", "origin", "status", "split", "content_hash", *PAIR_COLUMNS[:2 + 2 * pairs]])
-        .filter(expr=col("status") == "accepted"))
     for name, packing, count in (("train", data.packing and not pairs, report.train_records),
                                  ("eval", False, report.eval_records)):
         if count == 0:
             continue  # a pass over all records for nothing
+        accepted = (ray.data.read_parquet(records).select_columns([
+            "source_id", "origin", "status", "split", "content_hash", *PAIR_COLUMNS[:2 + 2 * pairs]])
+            .filter(expr=col("status") == "accepted"))
         shared = {"weights": weights if name == "train" else {}, "duplicates": duplicates}
         fn, kwargs = ((pair_batch, shared) if pairs else
                       (pack_batch, {**shared, "max_seq_len": data.max_seq_len, "packing": packing}))
@@ -249,17 +334,23 @@ def parquet_batches(uri: str, columns: list[str], batch_size: int = 65536):
     """Streams `columns` of the Parquet files under `uri` in the driver, a batch at a time:
     cheaper than a Ray Data pass for the small columns the report and dedup read."""
     fs, root = storage.filesystem(uri)
+    if not _parquet_files(fs, root):
+        return  # no line at all (empty shards): Ray Data wrote no file
     dataset = pads.dataset(root, filesystem=fs, format="parquet")
     yield from dataset.to_batches(columns=columns, batch_size=batch_size)
+
+
+def _parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return [i.path for i in infos if i.path.endswith(".parquet")]
 
 
 def _record_count(records: str) -> int:
     fs, root = storage.filesystem(records)
     rows = 0
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if info.path.endswith(".parquet"):
-            with fs.open_input_file(info.path) as f:
-                rows += pq.ParquetFile(f).metadata.num_rows
+    for path in _parquet_files(fs, root):
+        with fs.open_input_file(path) as f:
+            rows += pq.ParquetFile(f).metadata.num_rows
     return rows
 
 
@@ -267,6 +358,8 @@ def find_duplicates(records: str) -> np.ndarray:
     """Sorted origins of every accepted record whose content an earlier record (smaller
     origin: eval shards first, then shard and line order) already has."""
     rows = _record_count(records)
+    if rows == 0:
+        return np.zeros(0, np.int64)
     if rows <= DRIVER_DEDUP_MAX_RECORDS:
         return _duplicates_in_driver(records)
     # One shuffle partition per million records, at least one per CPU (Ray's default of 200
@@ -280,6 +373,8 @@ def _duplicates_in_driver(records: str) -> np.ndarray:
     for batch in parquet_batches(records, ["status", "content_hash", "origin"]):
         batch = batch.filter(pc.equal(batch["status"], "accepted"))
         parts.append(pa.table({"h": batch["content_hash"], "o": batch["origin"]}))
+    if not parts:
+        return np.zeros(0, np.int64)
     table = pa.concat_tables(parts).sort_by([("h", "ascending"), ("o", "ascending")])
     if table.num_rows < 2:
         return np.zeros(0, np.int64)
