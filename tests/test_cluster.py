@@ -400,6 +400,12 @@ def test_losing_a_worker_node_costs_at_most_one_checkpoint_interval(
     first = train["restart_history"][0]
     assert step_at_loss - first["resumed_from_step"] <= CHECKPOINT_EVERY
     assert first["world_size"] == 1  # went on with the surviving node
+    # ... and grew back onto the replacement node: restarted from a checkpoint with 2.
+    grown = train["restart_history"][-1]
+    assert grown["world_size"] == 2 and grown["cause"].startswith("elastic resize"), \
+        train["restart_history"]
+    assert grown["resumed_from_step"] > first["resumed_from_step"]
+    assert grown["steps_lost"] <= CHECKPOINT_EVERY
     assert summary["eval"]["loss_final"] == pytest.approx(straight["eval"]["loss_final"], rel=0.02)
     with capsys.disabled():
         print(f"\n[chaos] node lost at step {step_at_loss}; resumed from step "

@@ -94,9 +94,14 @@ def test_restart_history_counts_lost_steps_and_restarts_before_any_checkpoint(ra
     ray.get(hub.update.remote({"step": 5}))
     ray.get(hub.failure.remote("node lost"))
     ray.get(hub.update.remote({"step": 0, "world_size": 1}))  # no checkpoint: a fresh attempt
-    first, second = ray.get(hub.restarts.remote())
+    ray.get(hub.update.remote({"step": 3}))
+    # No failure: Ray Train grew the group (elastic) and restarted it from step 2.
+    ray.get(hub.update.remote({"step": 2, "resumed": True, "world_size": 2}))
+    first, second, third = ray.get(hub.restarts.remote())
     assert (first["cause"], first["resumed_from_step"], first["steps_lost"]) == ("worker died", 4, 3)
     assert (second["cause"], second["resumed_from_step"], second["steps_lost"]) == ("node lost", 0, 5)
+    assert third["cause"].startswith("elastic resize") and third["world_size"] == 2
+    assert (third["resumed_from_step"], third["steps_lost"]) == (2, 1)
     ray.kill(hub)
 
 

@@ -59,18 +59,22 @@ class ProgressHub:
         resumed from (0 when no checkpoint existed yet), the steps lost, the workers it
         resumed with and the recovery time."""
         out, pending, last_step = [], [], 0
-        for event in self.history:
+        for index, event in enumerate(self.history):
             if event.get("event") == "failure":
                 pending.append(event)
                 continue
             if event.get("resumed") or pending:
                 first = pending[0] if pending else None
                 resumed_from = event.get("step", 0) if event.get("resumed") else 0
+                # Without a failure, a resume is this driver's start (a rerun) or, later in
+                # the run, Ray Train restarting the group with more workers (elastic).
+                unforced = ("driver restarted: the run was resumed from storage" if index == 0
+                            else f"elastic resize: more workers fit, restarted with "
+                            f"{event.get('world_size')}")
                 out.append({
-                    "cause": "; ".join(dict.fromkeys(e["cause"] for e in pending))
-                    or "driver restarted: the run was resumed from storage",
+                    "cause": "; ".join(dict.fromkeys(e["cause"] for e in pending)) or unforced,
                     "resumed_from_step": resumed_from,
-                    "steps_lost": max(0, last_step - resumed_from) if pending else 0,
+                    "steps_lost": max(0, last_step - resumed_from),
                     "world_size": event.get("world_size"),
                     "recovery_s": round(event["time"] - first["time"], 1) if first else None,
                     "warnings": event.get("warnings") or [],
