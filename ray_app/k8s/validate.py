@@ -6,11 +6,14 @@ Three layers, because the API server accepts many manifests that KubeRay later r
    for here: unknown fields are errors (as with `kubectl apply`'s strict field validation),
    `x-kubernetes-list-map-keys` uniqueness and the CRDs' CEL rules are checked, and int32
    ranges are enforced. Defaults are *not* applied, so write `minReplicas`/`maxReplicas`.
-2. KubeRay's controller rules (`ValidateRayClusterSpec`/`ValidateRayJobSpec`). A RayJob breaking
-   one is accepted by `kubectl apply` and only fails later with `ValidationFailed`.
-3. This project's rules for fine-tuning clusters: resources on every container, non-root pods,
-   secrets only via `secretKeyRef`, shared storage on every pod, a drain hook on GPU workers,
-   the dashboard reachable only inside the cluster. Pass `project_rules=False` to skip them.
+2. KubeRay's controller rules (`ValidateRayClusterSpec`/`ValidateRayJobSpec`) that the schema
+   cannot express, in rules.py, each citing its line in KubeRay. A RayJob breaking one is
+   accepted by `kubectl apply` and only fails later with `ValidationFailed`.
+3. This project's rules for fine-tuning clusters (rules.py): resources on every container, pods
+   that cannot reach into their node (no hostPath, host namespaces, privileged containers,
+   privilege escalation or added capabilities), secrets only via `secretKeyRef`, shared storage
+   on every pod, a drain hook on GPU workers, the dashboard reachable only inside the cluster.
+   Pass `project_rules=False` to skip them.
 
 Example:
     errors = validate_manifest(yaml.safe_load(open("jobs/rayjobs/train.yaml")))

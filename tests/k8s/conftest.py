@@ -1,52 +1,70 @@
-"""Fixtures for the KubeRay tests: a helm runner and valid base manifests to break."""
+"""Fixtures for the KubeRay tests: helm, and the shipped manifests as valid bases to break."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ray_app.k8s.render import render_rayjob
+from ray_app.errors import UserError
+from ray_app.k8s.helm import CHART, find_helm
 
 REPO = Path(__file__).resolve().parents[2]
 
-# helm.py is loaded by path so the tests work under any pytest import mode.
-_spec = importlib.util.spec_from_file_location("k8s_test_helm", Path(__file__).with_name("helm.py"))
-helm_support = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helm_support)
 
-_GPU_CONFIG = {
-    "run": {"name": "llama-lora", "storage_path": "/mnt/shared/checkpoints"},
-    "scaling": {"num_workers": 8, "use_gpu": True, "resources_per_worker": {"CPU": 4, "GPU": 1}},
-}
+def load_all(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+class Helm:
+    """Runs helm with its cache/config/data folders in a private temp dir."""
+
+    def __init__(self, binary: Path, home: Path) -> None:
+        self.binary = binary
+        self.env = {**os.environ, **{f"HELM_{k}_HOME": str(home / k.lower())
+                                     for k in ("CACHE", "CONFIG", "DATA")}}
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.binary), *args], check=False, env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+    def template(self, *args: str, release: str = "ray-finetune") -> list[dict]:
+        """The documents `helm template` renders from cluster/chart; fails the test on an error."""
+        result = self.run("template", release, str(CHART), *args)
+        assert result.returncode == 0, result.stderr
+        return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
 @pytest.fixture(scope="session")
-def helm(tmp_path_factory: pytest.TempPathFactory):
-    binary, reason = helm_support.find_helm()
-    if binary is None:
-        pytest.skip(reason)
-    return helm_support.Helm(binary, tmp_path_factory.mktemp("helm-home"))
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    try:
+        binary = find_helm()
+    except UserError as err:
+        pytest.skip(str(err))
+    return Helm(binary, tmp_path_factory.mktemp("helm-home"))
 
 
 @pytest.fixture(scope="session")
 def _rayjob() -> dict:
-    return render_rayjob(_GPU_CONFIG, image="ray-app:0.1.0", gpu_type="H100", spot=True)
+    return next(d for d in load_all(REPO / "jobs" / "rayjobs" / "train.yaml")
+                if d["kind"] == "RayJob")
 
 
 @pytest.fixture
 def rayjob(_rayjob: dict) -> dict:
-    """A valid RayJob (HTTPMode, own cluster, spot + on-demand GPU groups) to break in tests."""
+    """jobs/rayjobs/train.yaml's RayJob (HTTPMode, own cluster, spot + on-demand GPU groups),
+    as rendered from the chart, to break in tests."""
     return copy.deepcopy(_rayjob)
 
 
 @pytest.fixture(scope="session")
 def _raycluster() -> dict:
-    docs = yaml.safe_load_all((REPO / "cluster" / "raycluster.yaml").read_text())
-    return next(d for d in docs if d and d["kind"] == "RayCluster")
+    return next(d for d in load_all(REPO / "cluster" / "raycluster.yaml")
+                if d["kind"] == "RayCluster")
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""validate_manifest: each rule catches the broken manifest it is written for."""
+"""validate_manifest: each rule catches the broken manifest it is written for, and none fires
+on what the chart renders."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def head(job: dict) -> dict:
 
 
 def gpu_group(job: dict) -> dict:
-    return cluster(job)["workerGroupSpecs"][1]
+    return cluster(job)["workerGroupSpecs"][1]  # gpu-ondemand
 
 
 def ray_container(group: dict) -> dict:
@@ -74,6 +75,11 @@ def test_duplicate_container_names_are_reported(rayjob):
     containers = head(rayjob)["template"]["spec"]["containers"]
     containers.append(dict(containers[0]))
     assert_reported(rayjob, "entries must be unique by name")
+
+
+def test_pre_running_deadline_below_one_is_left_to_the_schema(rayjob):
+    rayjob["spec"]["preRunningDeadlineSeconds"] = 0
+    assert_reported(rayjob, "spec.preRunningDeadlineSeconds: 0 is less than the minimum of 1")
 
 
 def test_managed_by_outside_the_allowed_values_is_reported(rayjob):
@@ -143,7 +149,17 @@ def test_raycluster_name_must_be_a_dns1035_label(raycluster):
 
 def test_group_without_containers_is_reported(rayjob):
     gpu_group(rayjob)["template"]["spec"]["containers"] = []
-    assert_reported(rayjob, "needs at least one container")
+    assert_reported(rayjob, "needs a container")
+
+
+def test_min_replicas_above_max_replicas_is_reported(rayjob):
+    gpu_group(rayjob)["minReplicas"] = 3
+    assert_reported(rayjob, "minReplicas 3 > maxReplicas 1")
+
+
+def test_negative_max_replicas_is_reported(rayjob):
+    gpu_group(rayjob)["maxReplicas"] = -1
+    assert_reported(rayjob, "minReplicas and maxReplicas must be >= 0")
 
 
 def test_resources_in_ray_start_params_and_group_field_are_reported(raycluster):
@@ -189,6 +205,11 @@ def test_autoscaler_v2_env_without_autoscaling_is_reported(raycluster):
     assert_reported(raycluster, "needs enableInTreeAutoscaling: true")
 
 
+def test_group_priority_without_autoscaler_v2_is_reported(raycluster):
+    raycluster["spec"]["autoscalerOptions"]["version"] = "v1"
+    assert_reported(raycluster, "workerGroupSpecs[2].priority needs autoscalerOptions.version: v2")
+
+
 def test_token_auth_with_ray_older_than_2_52_is_reported(rayjob):
     cluster(rayjob)["rayVersion"] = "2.51.0"
     assert_reported(rayjob, "authOptions.mode token needs Ray >= 2.52.0")
@@ -213,7 +234,7 @@ def test_cluster_selector_with_sidecar_mode_is_reported(rayjob):
 
 def test_ttl_without_shutdown_after_job_finishes_is_reported(rayjob):
     rayjob["spec"]["shutdownAfterJobFinishes"] = False
-    assert_reported(rayjob, "ttlSecondsAfterFinished=600 has no effect")
+    assert_reported(rayjob, "ttlSecondsAfterFinished=600 needs shutdownAfterJobFinishes: true")
 
 
 def test_suspend_without_shutdown_after_job_finishes_is_reported(rayjob):
@@ -244,17 +265,12 @@ def test_delete_workers_with_autoscaling_is_reported(rayjob):
     assert_reported(rayjob, "DeleteWorkers cannot be used with enableInTreeAutoscaling")
 
 
-def test_unknown_submission_mode_is_reported(rayjob):
-    rayjob["spec"]["submissionMode"] = "HttpMode"
-    assert_reported(rayjob, "submissionMode 'HttpMode' is not one of")
-
-
 def test_backoff_limit_in_interactive_mode_is_reported(rayjob):
     rayjob["spec"].update(submissionMode="InteractiveMode", backoffLimit=1)
     assert_reported(rayjob, "backoffLimit > 0 is not allowed in InteractiveMode")
 
 
-def test_submitter_pod_template_in_sidecar_mode_is_reported(rayjob):
+def test_submitter_config_in_sidecar_mode_is_reported(rayjob):
     rayjob["spec"]["submissionMode"] = "SidecarMode"
     rayjob["spec"]["submitterConfig"] = {"backoffLimit": 1}
     assert_reported(rayjob, "submitterConfig is not supported in SidecarMode")
@@ -268,38 +284,19 @@ def test_runtime_env_yaml_that_does_not_parse_is_reported(rayjob):
 # --------------------------------------------------------------------------- this project's rules
 
 
-def test_min_replicas_above_max_replicas_is_reported(rayjob):
-    gpu_group(rayjob)["minReplicas"] = 3
-    assert_reported(rayjob, "minReplicas 3 > maxReplicas 1")
-
-
-def test_replicas_outside_min_max_is_reported(rayjob):
-    gpu_group(rayjob)["replicas"] = 5
-    assert_reported(rayjob, "replicas 5 is outside [minReplicas 0, maxReplicas 1]")
-
-
-def test_duplicate_worker_group_names_are_reported(rayjob):
-    gpu_group(rayjob)["groupName"] = "driver"
-    assert_reported(rayjob, "groupName 'driver' is used twice")
-
-
-def test_ray_start_resources_that_are_not_json_are_reported(raycluster):
-    driver = raycluster["spec"]["workerGroupSpecs"][0]
-    del driver["resources"]
-    driver["rayStartParams"]["resources"] = '"{\\"driver\\": 4}"'
-    assert_reported(raycluster, "rayStartParams.resources must be a JSON object")
-
-
-def test_ray_start_resources_in_single_quotes_are_accepted(raycluster):
-    driver = raycluster["spec"]["workerGroupSpecs"][0]
-    del driver["resources"]
-    driver["rayStartParams"]["resources"] = "'{\"driver\": 4}'"
-    assert validate_manifest(raycluster) == []
+def test_unknown_submission_mode_is_reported(rayjob):
+    rayjob["spec"]["submissionMode"] = "HttpMode"
+    assert_reported(rayjob, "submissionMode 'HttpMode' is not one of")
 
 
 def test_entrypoint_resources_must_be_a_json_object(rayjob):
     rayjob["spec"]["entrypointResources"] = "driver=1"
     assert_reported(rayjob, "entrypointResources must be a JSON object of numbers")
+
+
+def test_duplicate_worker_group_names_are_reported(rayjob):
+    gpu_group(rayjob)["groupName"] = "driver"
+    assert_reported(rayjob, "groupName 'driver' is used twice")
 
 
 def test_head_that_accepts_work_is_reported(rayjob):
@@ -326,6 +323,53 @@ def test_gpu_request_different_from_limit_is_reported(rayjob):
 def test_pod_without_run_as_non_root_is_reported(rayjob):
     del gpu_group(rayjob)["template"]["spec"]["securityContext"]["runAsNonRoot"]
     assert_reported(rayjob, "set securityContext.runAsNonRoot: true")
+
+
+# Each way a pod can reach into its node, as (where in the GPU pod, what to set, what the
+# message must say: the manifest path, the value and why it matters).
+GPU_POD = "spec.rayClusterSpec.workerGroupSpecs[1].template.spec"
+NODE_ACCESS = [
+    (("hostNetwork",), True, f"{GPU_POD}.hostNetwork: true shares the node's network namespace"),
+    (("hostPID",), True, f"{GPU_POD}.hostPID: true shares the node's pid namespace"),
+    (("hostIPC",), True, f"{GPU_POD}.hostIPC: true shares the node's ipc namespace"),
+    (("volumes", "+"), {"name": "docker", "hostPath": {"path": "/var/run/docker.sock"}},
+     (f"{GPU_POD}.volumes[3] (docker): hostPath '/var/run/docker.sock' mounts a folder of the "
+     "node")),
+    (("containers", 0, "securityContext", "privileged"), True,
+     (f"{GPU_POD}.containers[0].securityContext.privileged: true gives the container the node's "
+     "devices")),
+    (("containers", 0, "securityContext", "allowPrivilegeEscalation"), True,
+     (f"{GPU_POD}.containers[0].securityContext.allowPrivilegeEscalation: true lets a process "
+     "gain more privileges")),
+    (("containers", 0, "securityContext", "capabilities", "add"), ["SYS_ADMIN"],
+     (f"{GPU_POD}.containers[0].securityContext.capabilities.add: ['SYS_ADMIN'] grants Linux "
+     "capabilities")),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), NODE_ACCESS,
+                         ids=[".".join(map(str, p)) for p, _, _ in NODE_ACCESS])
+def test_pod_that_reaches_into_its_node_is_reported_with_path_value_and_fix(
+        rayjob, path, value, message):
+    node = gpu_group(rayjob)["template"]["spec"]
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    if path[-1] == "+":
+        node.append(value)
+    else:
+        node[path[-1]] = value
+    found = [p for p in validate_manifest(rayjob) if message in p]
+    assert len(found) == 1, validate_manifest(rayjob)
+
+
+def test_privileged_autoscaler_sidecar_is_reported(raycluster):
+    raycluster["spec"]["autoscalerOptions"]["securityContext"]["privileged"] = True
+    assert_reported(raycluster, "spec.autoscalerOptions.securityContext.privileged: true")
+
+
+def test_node_access_rules_do_not_fire_on_what_the_chart_renders(rayjob, raycluster):
+    problems = validate_manifest(rayjob) + validate_manifest(raycluster)
+    assert not [p for p in problems if "node" in p or "privilege" in p or "capabilit" in p]
 
 
 def test_literal_token_in_env_is_reported(rayjob):
@@ -364,7 +408,7 @@ def test_cluster_without_token_auth_is_reported(raycluster):
 def test_pvc_mounted_on_some_pods_only_is_reported(rayjob):
     mounts = ray_container(gpu_group(rayjob))["volumeMounts"]
     mounts[:] = [m for m in mounts if m["name"] != "shared"]
-    assert_reported(rayjob, "(gpu-spot): does not mount PVC 'ray-shared' at /mnt/shared")
+    assert_reported(rayjob, "(gpu-ondemand): does not mount PVC 'ray-shared' at /mnt/shared")
 
 
 def test_gpu_worker_without_prestop_hook_is_reported(rayjob):
@@ -389,6 +433,7 @@ def test_committed_secret_with_data_is_reported():
 
 def test_kuberay_only_mode_skips_project_rules(rayjob):
     del rayjob["spec"]["activeDeadlineSeconds"]
+    gpu_group(rayjob)["template"]["spec"]["hostNetwork"] = True
     assert validate_manifest(rayjob, project_rules=False) == []
 
 
