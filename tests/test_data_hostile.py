@@ -1,0 +1,108 @@
+"""Hostile inputs: every line of a corpus built to break readers is accepted or rejected
+with its file, line and a reason that names the problem, and nothing aborts the run."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from support import tiny_config, write_lines
+from support_hostile import hostile_corpus, hostile_data_config, run_cli
+
+from ray_app.config import validate_config
+from ray_app.data.pipeline import prepare
+from ray_app.data.report import render_report
+from ray_app.data.sources import expand_sources
+from ray_app.data.tokenize import PLAIN_PROMPT, load_tokenizer
+from ray_app.errors import UserError
+from ray_app.quickstart import TOKENIZER_DIR
+
+
+def _published(storage: Path) -> tuple[Path, dict]:
+    (marker,) = storage.glob("datasets/*/report.json")
+    published = json.loads(marker.read_text())
+    return marker.parent / published["build"], published["report"]
+
+
+@pytest.mark.timeout(300)
+def test_ray_app_data_accounts_for_every_line_of_a_hostile_corpus(tmp_path):
+    corpus = hostile_corpus(tmp_path)
+    cfg = tiny_config(corpus.folder, tmp_path, data=hostile_data_config())
+    cfg["model"]["tokenizer"] = str(corpus.tokenizer)
+    config = tmp_path / "hostile.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = run_cli("data", str(config), "--num-cpus", "2")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in out, out[-5000:]
+
+    build, report = _published(tmp_path / "storage")
+    files = {Path(f["path"]).name: f for f in report["files"]}
+    assert set(files) == set(corpus.expected)  # empty shards are listed too
+    for name, want in corpus.expected.items():
+        got = files[name]
+        assert (got["records_read"], got["accepted"], got["rejected"], got["duplicates"]) == (
+            want.read, want.accepted, want.rejected, want.duplicates), name
+
+    # Counted again from the files themselves: one reject line per rejected record, and
+    # one records/ row per record.
+    rejects = [json.loads(x) for x in (tmp_path / "out/rejects/rejects.jsonl").read_text().splitlines()]
+    found = {(Path(r["source"]).name, r["line"]): r["reason"] for r in rejects}
+    assert len(found) == len(rejects)
+    assert found.keys() == {(name, line) for name, want in corpus.expected.items()
+                            for line in want.rejects}
+    for (name, line), reason in found.items():
+        assert corpus.expected[name].rejects[line] in reason, (name, line, reason)
+    rows = Counter(Path(s).name for s in pq.read_table(build / "records", columns=["source"])
+                   ["source"].to_pylist())
+    assert rows == Counter({n: w.read for n, w in corpus.expected.items() if w.read})
+    total = sum(w.rejected for w in corpus.expected.values())
+    assert f"Rejected {total} records:" in " ".join(done.stdout.split())
+
+
+def test_an_empty_train_set_is_a_user_error_naming_every_shard(ray_cluster, tmp_path):
+    folder = tmp_path / "data"
+    write_lines(folder / "empty.jsonl", [])
+    write_lines(folder / "broken.jsonl", ['{"text": 1}', "{oops"])
+    (folder / "cut.jsonl.gz").write_bytes(b"\x1f\x8b\x08")
+    cfg = validate_config(tiny_config(folder, tmp_path))
+    with pytest.raises(UserError) as err:
+        prepare(cfg, cfg.storage_uri(), tmp_path / "rejects")
+    message = str(err.value)
+    assert message.startswith("There is nothing to train on")
+    assert "empty.jsonl: no records (empty file)" in message
+    assert "broken.jsonl: 2 records, 2 rejected" in message and "invalid JSON" in message
+    assert "cut.jsonl.gz: 1 records, 1 rejected (1 x compressed stream truncated or corrupt)" in message
+    assert len((tmp_path / "rejects/rejects.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_folder_without_shards_is_a_user_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="matches no JSONL shard"):
+        expand_sources([str(tmp_path / "empty")])
+
+
+def test_a_tokenizer_without_chat_template_trains_on_the_plain_prompt_and_says_so(
+        ray_cluster, tmp_path):
+    plain = load_tokenizer(str(TOKENIZER_DIR))
+    plain.chat_template = None
+    plain.save_pretrained(str(tmp_path / "plain_tokenizer"))
+    assert not (tmp_path / "plain_tokenizer/chat_template.jinja").exists()
+    write_lines(tmp_path / "data/chat.jsonl", [json.dumps({"messages": [
+        {"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]})
+        for i in range(5)])
+    cfg = tiny_config(tmp_path / "data", tmp_path)
+    cfg["model"]["tokenizer"] = str(tmp_path / "plain_tokenizer")
+    cfg = validate_config(cfg)
+    report = prepare(cfg, cfg.storage_uri(), tmp_path / "rejects").report
+    (warning,) = report.warnings
+    assert "has no chat template" in warning and repr(PLAIN_PROMPT) in warning
+    assert "model.tokenizer" in warning and "chat_template.jinja" in warning
+    from rich.console import Console
+
+    console = Console(record=True, width=400)
+    render_report(report, console)
+    assert console.export_text().count("has no chat template") == 1
