@@ -104,6 +104,10 @@ def _render(args: argparse.Namespace, console: Any = None) -> int:
         raise UserError("--spot, --gpu-type and --gpus-per-node size a new cluster; with "
                         "--cluster the job runs on an existing one. Leave them out.")
     cfg = load_config(args.config, args.overrides)
+    if args.command == "tune":  # as `ray-app tune` does, before anything is rendered
+        from ray_app.tune.study import require_space
+
+        require_space(cfg)
     out = render(
         cfg, command=args.command, chart=Path(args.chart) if args.chart else CHART,
         value_files=[Path(f) for f in args.values], image=args.image, gpu_type=args.gpu_type,

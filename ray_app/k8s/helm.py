@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def check_chart(chart: Path) -> Path:
     return chart
 
 
-def chart_values(chart: Path, value_files: list[Path]) -> dict[str, Any]:
+def chart_values(chart: Path, value_files: Sequence[Path]) -> dict[str, Any]:
     """The chart's values.yaml with `value_files` merged over it, as helm merges them."""
     merged: dict[str, Any] = {}
     for path in [chart / "values.yaml", *value_files]:
@@ -102,7 +103,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
 
 
 def template(
-    chart: Path, values: dict[str, Any], *, release: str, value_files: list[Path] = ()
+    chart: Path, values: dict[str, Any], *, release: str, value_files: Sequence[Path] = ()
 ) -> str:
     """What `helm template RELEASE CHART -f FILE... -f <values>` prints."""
     with tempfile.TemporaryDirectory(prefix="ray-app-helm-") as tmp:

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ def render(
     *,
     command: str = "train",
     chart: Path = CHART,
-    value_files: list[Path] = (),
+    value_files: Sequence[Path] = (),
     **options: Any,
 ) -> Rendered:
     """The manifests of a RayJob running `ray-app COMMAND` on `cfg`.

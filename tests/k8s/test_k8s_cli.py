@@ -101,3 +101,8 @@ def test_validate_of_unreadable_input_exits_2(tmp_path, capsys, content, message
         path.write_text(content)
     assert main(["k8s", "validate", str(path)]) == 2
     assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_render_of_a_tune_job_without_a_search_space_fails_as_tune_does(config, capsys):
+    assert main(["k8s", "render", str(config), "--command", "tune"]) == 2
+    assert "tune.space is empty" in capsys.readouterr().out
