@@ -49,7 +49,8 @@ def test_ray_app_data_accounts_for_every_line_of_a_hostile_corpus(tmp_path):
 
     # Counted again from the files themselves: one reject line per rejected record, and
     # one records/ row per record.
-    rejects = [json.loads(x) for x in (tmp_path / "out/rejects/rejects.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "out/rejects/rejects.jsonl").read_text().split("\n")[:-1]
+    rejects = [json.loads(x) for x in lines]
     found = {(Path(r["source"]).name, r["line"]): r["reason"] for r in rejects}
     assert len(found) == len(rejects)
     assert found.keys() == {(name, line) for name, want in corpus.expected.items()
