@@ -7,6 +7,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from ray_app.errors import UserError
 from ray_app.secrets import redact
@@ -68,12 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_merge(sub)
     register_estimate(sub)
-    try:
-        from ray_app.k8s.cli import register as register_k8s
-    except ImportError:
-        pass
-    else:
-        register_k8s(sub)
+    from ray_app.k8s.cli import register as register_k8s
+
+    register_k8s(sub)
     return parser
 
 
@@ -83,6 +81,9 @@ def _load(args):
     cfg = load_config(args.config, args.overrides)
     if args.output:
         cfg.run.output_dir = resolve_run_path(args.output, "--output", os.environ.get(STORAGE_ENV))
+    from ray_app.train.methods import method_for
+
+    method_for(cfg)  # an unknown train.method fails here, before Ray starts
     return cfg
 
 
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except UserError as err:
-        console.print(f"[bold red]Error:[/bold red] {redact(str(err))}", highlight=False)
+        # The message is plain text: `pip install 'ray-app[k8s]'` must not read as markup.
+        console.print(f"[bold red]Error:[/bold red] {escape(redact(str(err)))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("Interrupted. Rerun the same command to resume from the last checkpoint.")

@@ -206,9 +206,11 @@ class DpoSection(_Section):
 
 
 class TrainSection(_Section):
-    method: Literal["sft", "dpo"] = Field(
-        "sft", description="sft: next-token loss on the trained tokens; dpo: preference "
-        "optimisation on prompt/chosen/rejected records (settings in train.dpo)."
+    method: str = Field(
+        "sft", pattern=r"^[a-z][a-z0-9_]*$",
+        description="sft: next-token loss on the trained tokens; dpo: preference "
+        "optimisation on prompt/chosen/rejected records (settings in train.dpo). "
+        "The methods are in ray_app/train/methods/."
     )
     dpo: DpoSection = Field(default_factory=DpoSection)
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the train split.")
@@ -258,9 +260,12 @@ class ScalingSection(_Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="ddp replicates the base; fsdp (FSDP2) and deepspeed (ZeRO) shard it."
     )
-    zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage (deepspeed only).")
-    offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
-        "none", description="DeepSpeed CPU offload (deepspeed only)."
+    zero_stage: Literal[2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage, 2 or 3 (deepspeed only; default 3)."
+    )
+    offload: Literal["none", "optimizer", "optimizer_and_params"] | None = Field(
+        None, description="DeepSpeed CPU offload (deepspeed only; default none); "
+        "optimizer_and_params needs ZeRO-3."
     )
     resources_per_worker: dict[str, float] | None = Field(
         None,
@@ -281,6 +286,29 @@ class ScalingSection(_Section):
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed num_workers "
                              f"({self.num_workers})")
         return self
+
+    @model_validator(mode="after")
+    def _deepspeed_options_need_deepspeed(self) -> Self:
+        given = [f"scaling.{key}={getattr(self, key)!r}" for key in ("zero_stage", "offload")
+                 if getattr(self, key) is not None]
+        if given and self.strategy != "deepspeed":
+            raise ValueError(f"{' and '.join(given)} only apply to strategy deepspeed, and this "
+                             f"config uses {self.strategy}: remove them, or set "
+                             "scaling.strategy=deepspeed")
+        if self.ds_offload == "optimizer_and_params" and self.ds_stage != 3:
+            raise ValueError("offload=optimizer_and_params needs zero_stage=3 (ZeRO-2 does not "
+                             "partition parameters, so it cannot offload them)")
+        return self
+
+    @property
+    def ds_stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs with."""
+        return self.zero_stage or 3
+
+    @property
+    def ds_offload(self) -> str:
+        """DeepSpeed's CPU offload: none, optimizer or optimizer_and_params."""
+        return self.offload or "none"
 
     def worker_counts(self) -> int | tuple[int, int]:
         """Ray Train's num_workers: a fixed count, or the elastic (min, max) range."""

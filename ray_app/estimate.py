@@ -329,19 +329,21 @@ def recommend(shape: Shape, plan: Plan, gpu_gib: float) -> Recommendation:
 def plan_from_config(cfg, liger_auto: bool, **overrides) -> Plan:
     """The Plan of a project config on GPUs, with command-line overrides (None = keep);
     liger_auto: whether model.liger=auto turns Liger on for this architecture."""
+    from ray_app.train.methods import method_for
+
     liger = cfg.model.liger == "on" or (cfg.model.liger == "auto" and liger_auto)
     method = "qlora" if cfg.model.quantization == "nf4" else "lora"
     targets = cfg.lora.target_modules
     plan = Plan(
-        method=method, strategy=cfg.scaling.strategy, zero_stage=cfg.scaling.zero_stage,
-        offload=cfg.scaling.offload, gpus=cfg.scaling.num_workers,
+        method=method, strategy=cfg.scaling.strategy, zero_stage=cfg.scaling.ds_stage,
+        offload=cfg.scaling.ds_offload, gpus=cfg.scaling.num_workers,
         batch=cfg.train.batch_size_per_worker, seq_len=cfg.data.max_seq_len, lora_r=cfg.lora.r,
         lora_targets=targets if targets == "all-linear" else tuple(targets),
         lora_dropout=cfg.lora.dropout, liger=liger,
         checkpointing=cfg.train.activation_checkpointing,
         optimizer=cfg.train.optimizer if "8bit" in cfg.train.optimizer else "adamw",
         attention=cfg.model.attn_implementation, packed_mask=cfg.data.packing,
-        preference=cfg.train.method == "dpo", fused_eval=liger,
+        preference=method_for(cfg).records == "pairs", fused_eval=liger,
     )
     return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -44,15 +44,11 @@ def render_summary(summary: dict[str, Any], console: Console, path: Path) -> Non
     table.add_row("tokens seen", _num(train["tokens_seen"], ","))
     table.add_row("tokens/s", _num(train["tokens_per_s"], ",.0f"))
     table.add_row("restarts", str(train["restarts"]))
-    table.add_row("eval loss", f"{_num(evals['loss_initial'], '.4f')} -> "
-                               f"{_num(evals['loss_final'], '.4f')}")
-    if "reward_accuracy_final" in evals:  # DPO
-        for name in ("reward_accuracy", "reward_margin"):
-            table.add_row(f"eval {name.replace('_', ' ')}",
-                          f"{_num(evals[f'{name}_initial'], '.3f')} -> "
-                          f"{_num(evals[f'{name}_final'], '.3f')}")
-    else:
-        table.add_row("eval perplexity", _num(evals["perplexity_final"], ".2f"))
+    # Every eval metric of the method, before -> after (eval loss first).
+    for name in dict.fromkeys(k.rsplit("_", 1)[0] for k in evals):
+        table.add_row(f"eval {name.replace('_', ' ')}",
+                      f"{_num(evals.get(f'{name}_initial'), '.4g')} -> "
+                      f"{_num(evals.get(f'{name}_final'), '.4g')}")
     table.add_row("records", f"{data['accepted']} accepted, {data['rejected']} rejected, "
                              f"{data['duplicates']} duplicates of {data['records_read']}")
     table.add_row("adapter", str(summary["adapter_path"] or "-"))

@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ray_app.config import Config
 from ray_app.model.loading import decoder_layers
@@ -28,7 +31,8 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     name = t.optimizer
     if name == "auto":
-        name = "adamw_fused" if cfg.scaling.use_gpu else "adamw"
+        offloaded = cfg.scaling.strategy == "deepspeed" and cfg.scaling.ds_offload != "none"
+        name = "adamw_fused" if cfg.scaling.use_gpu and not offloaded else "adamw"
     if name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
@@ -39,17 +43,45 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
 
 
 class Engine:
-    """DDP (and the base of the others): forward, backward, step, checkpoint state."""
+    """DDP (and the base of the others): the parallel layout, forward/backward, the
+    optimizer step, checkpoint state.
+
+    The engine owns the layout: `dp_rank` and `dp_size` are the data-parallel rank and
+    size, which the loop, the data order, the sample trace and the loss normalisation use
+    (today every worker is a data-parallel rank; a device mesh for tensor or context
+    parallelism would make them a sub-group). It also builds the optimizer and scheduler,
+    in one place for every strategy."""
 
     def __init__(self, peft_model, cfg: Config, scheduler_factory):
+        import ray.train
         import ray.train.torch
 
+        context = ray.train.get_context()
         self.cfg = cfg
         self.peft_model = peft_model
-        self.model = ray.train.torch.prepare_model(peft_model)
+        self.device = ray.train.torch.get_device()
+        self.dp_rank, self.dp_size = context.get_world_rank(), context.get_world_size()
+        # Elastic runs keep the global batch of scaling.num_workers data-parallel ranks.
+        self.accum_steps = math.ceil(
+            cfg.train.grad_accum_steps * cfg.scaling.num_workers / self.dp_size)
+        self.model = self._wrap(peft_model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, cfg)
-        self.scheduler = scheduler_factory(self.optimizer)
+        optimizer = make_optimizer(self.params, cfg)
+        self.optimizer, self.scheduler = self._attach(optimizer, scheduler_factory(optimizer))
+
+    def _wrap(self, peft_model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(peft_model)
+
+    def _attach(self, optimizer, scheduler):
+        return optimizer, scheduler
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums `tensor` over the data-parallel ranks, in place; returns it."""
+        if self.dp_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
 
     def no_sync(self, last_micro_batch: bool):
         if last_micro_batch or not hasattr(self.model, "no_sync"):
@@ -93,23 +125,16 @@ class Engine:
 
 
 class FSDPEngine(Engine):
-    def __init__(self, peft_model, cfg: Config, scheduler_factory):
-        import ray.train.torch
+    def _wrap(self, peft_model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        self.cfg = cfg
-        self.peft_model = peft_model
-        device = ray.train.torch.get_device()
-        peft_model.to(device)
+        peft_model.to(self.device)
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if cfg.scaling.use_gpu else MixedPrecisionPolicy())
+                  if self.cfg.scaling.use_gpu else MixedPrecisionPolicy())
         for layer in decoder_layers(peft_model):
             fully_shard(layer, mp_policy=policy)
         fully_shard(peft_model, mp_policy=policy)
-        self.model = peft_model
-        self.params = [p for p in peft_model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, cfg)
-        self.scheduler = scheduler_factory(self.optimizer)
+        return peft_model
 
     def no_sync(self, last_micro_batch: bool):
         self.model.set_requires_gradient_sync(last_micro_batch)
@@ -163,24 +188,21 @@ def _model_key(adapter_key: str, names: set[str]) -> str:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, peft_model, cfg: Config, scheduler_factory):
-        import os
-
-        if not cfg.scaling.use_gpu:
+    def _wrap(self, peft_model):
+        if not self.cfg.scaling.use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return peft_model  # deepspeed.initialize wraps it, with the optimizer
+
+    def _attach(self, optimizer, scheduler):
         import deepspeed
 
-        self.cfg = cfg
-        self.peft_model = peft_model
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, cfg)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=peft_model, optimizer=optimizer, lr_scheduler=scheduler_factory(optimizer),
-            config=deepspeed_config(cfg), dist_init_required=False,
+        self.engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.accum_steps), dist_init_required=False,
         )
         guard_deepspeed_loads(self.engine)
         self.model = self.engine
-        self.params = params
+        return optimizer, scheduler
 
     def no_sync(self, last_micro_batch: bool):
         return contextlib.nullcontext()  # DeepSpeed reduces gradients at step()
@@ -220,17 +242,24 @@ class DeepSpeedEngine(Engine):
                                     load_module_strict=False)
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, accum_steps: int) -> dict[str, Any]:
+    """`accum_steps`: the micro-batches the loop accumulates per optimizer step on this
+    world size (more than train.grad_accum_steps when an elastic run has shrunk). DeepSpeed
+    steps the optimizer every `gradient_accumulation_steps` micro-steps, so the two must be
+    the same, or a shrunk run would take extra optimizer and scheduler steps."""
     t, s = cfg.train, cfg.scaling
-    zero: dict[str, Any] = {"stage": s.zero_stage, "overlap_comm": s.use_gpu,
+    zero: dict[str, Any] = {"stage": s.ds_stage, "overlap_comm": s.use_gpu,
                             "contiguous_gradients": True}
-    if s.offload != "none":
+    if s.ds_offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": s.use_gpu}
-    if s.offload == "optimizer_and_params" and s.zero_stage == 3:
+    if s.ds_offload == "optimizer_and_params":
         zero["offload_param"] = {"device": "cpu", "pin_memory": s.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": t.batch_size_per_worker,
-        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_accumulation_steps": accum_steps,
+        # The optimizer updates only the adapter, whose state is small: torch's AdamW on
+        # the CPU is enough with offload (DeepSpeed otherwise insists on its own CPU Adam).
+        "zero_force_ds_cpu_optimizer": False,
         "gradient_clipping": t.max_grad_norm,
         "bf16": {"enabled": s.use_gpu},
         "zero_optimization": zero,

@@ -1,10 +1,22 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training recipe that Ray Train runs on every worker.
 
-Plain PyTorch: load the frozen base, add LoRA, AdamW with a warm-up schedule, gradient
-accumulation with token-weighted loss (or the DPO loss, `ray_app.train.dpo`), clipping,
-periodic eval and checkpoints. All state
-needed to continue (adapter, optimizer, scheduler, step, data position) is in the
-checkpoint, so a restarted worker group carries on where the last checkpoint left off.
+    set up:   tokenizer, frozen base (+ speed-ups), LoRA adapter, engine (strategy,
+              optimizer, scheduler), the method's collates
+    restore:  the newest intact checkpoint, if any (adapter, optimizer, scheduler, RNG,
+              step, data cursor)
+    evaluate: once before training (the "initial" metrics)
+    for each optimizer step:
+              micro-batches in the fixed, resumable order -> method loss -> engine step
+              -> metrics -> eval / checkpoint / preemption when due
+    finish:   a final checkpoint with the final eval metrics
+
+Features: any `TrainingMethod` (`ray_app/train/methods/`), DDP / FSDP2 / DeepSpeed (the engine owns
+the data-parallel layout), gradient accumulation with a loss that is exactly that of one
+large batch, clipping, bf16 autocast on GPU, exact resume (the data order is a pure
+function of seed, epoch and data-parallel size; the cursor is in the checkpoint), elastic
+world sizes, preemption checkpoints on Ray's drain notice or SIGTERM, and a hard stop on
+non-finite loss before anything non-finite is checkpointed. Everything needed to continue
+is in the checkpoint, so a restarted worker group carries on where it left off.
 """
 
 from __future__ import annotations
@@ -17,188 +29,98 @@ from typing import Any
 import ray.train
 import ray.train.collective
 import torch
-import torch.distributed as dist
 
 from ray_app.config import Config
-from ray_app.data.collate import REAL_TOKENS, PackedCollate, PadCollate
+from ray_app.data.collate import REAL_TOKENS
 from ray_app.data.order import SAMPLE_ID, TrainStream
-from ray_app.data.tokenize import IGNORE, load_tokenizer
+from ray_app.data.tokenize import load_tokenizer
+from ray_app.errors import UserError
 from ray_app.model.loading import add_lora, apply_speedups, load_base
 from ray_app.train import checkpoint as ckpt
-from ray_app.train import dpo
-from ray_app.train.engines import build_engine
+from ray_app.train.engines import Engine, build_engine
 from ray_app.train.faults import inject
-from ray_app.train.flops import flops_per_token, peak_tflops
+from ray_app.train.methods.base import TrainingMethod
 from ray_app.train.plan import StepPlan
 from ray_app.train.preemption import PreemptedError, PreemptionWatch
 from ray_app.train.prefetch import prefetch
+from ray_app.train.reporting import Reporter
+from ray_app.train.steps import MicroBatch, StepResult, evaluate, optimizer_step
 from ray_app.train.trace import SampleTrace, trace_folder
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     plan = StepPlan(**loop_config["plan"])
+    method: TrainingMethod = loop_config["method"]
     stream: TrainStream = loop_config["train_stream"]
-    hub = loop_config.get("progress")
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(t.seed + rank)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               cfg.model.trust_remote_code)
-    base = load_base(cfg.model, cfg.scaling.use_gpu, device)
-    base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
-    engine = build_engine(add_lora(base, cfg.lora), cfg,
-                          lambda optimizer: _scheduler(optimizer, t.schedule, plan))
-    # from_pretrained returns eval mode, which silently disables dropout, activation
-    # checkpointing and Liger's fused loss.
-    engine.model.train()
-
-    flops = flops_per_token(engine.peft_model, cfg.data.max_seq_len)
-    peak = peak_tflops(device)
-
-    def speed(tokens_per_s: float) -> dict[str, Any]:
-        out: dict[str, Any] = {"tokens_per_s_per_worker": tokens_per_s / world}
-        if peak:
-            out["mfu"] = tokens_per_s / world * flops / (peak * 1e12)
-        if device.type == "cuda":
-            out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        return out
-
-    state, resumed, warnings = _restore(engine, rank, world)
+    # Set up: the same on every attempt; a failure here that a retry cannot fix fails
+    # the run at once (UserError) instead of being retried run.max_failures times.
+    engine, pad_id = _set_up(cfg, plan)
+    flatten = cfg.model.attn_implementation == "flash_attention_2"
+    train_collate, eval_collate = method.collates(pad_id, flatten)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu
                 else nullcontext())
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
-    if t.method == "dpo":
-        train_collate = eval_collate = dpo.PairCollate(
-            tokenizer.pad_token_id, flatten=cfg.model.attn_implementation == "flash_attention_2")
 
-        def optimizer_step(micro):
-            return dpo.optimizer_step(engine, micro, autocast, world, device, t.dpo)
+    def run_eval() -> dict[str, Any]:
+        if eval_shard is None:
+            return {}
+        with reporter.timing_eval():
+            return evaluate(engine, method, eval_shard, eval_collate, t.batch_size_per_worker,
+                            autocast)
 
-        def evaluate() -> dict[str, float]:
-            return dpo.evaluate(engine, eval_shard, eval_collate, t.batch_size_per_worker,
-                                device, autocast, t.dpo) if eval_shard else {}
-    else:
-        eval_collate = PadCollate(tokenizer.pad_token_id)
-        # Packed rows keep their documents apart through position_ids (no attention mask).
-        train_collate = PackedCollate(tokenizer.pad_token_id,
-                                      flatten=cfg.model.attn_implementation == "flash_attention_2")
-
-        def optimizer_step(micro):
-            return _optimizer_step(engine, micro, autocast, world, device)
-
-        def evaluate() -> dict[str, float]:
-            return _eval_metrics(_eval_loss(engine, eval_shard, eval_collate,
-                                            t.batch_size_per_worker, device, autocast)
-                                 if eval_shard else None)
-
+    # Restore, and evaluate where training starts.
+    state, resumed, warnings = _restore(engine)
     # This attempt's checkpoint folders never reuse a folder an earlier attempt wrote.
     attempt = ray.train.collective.broadcast_from_rank_zero(ckpt.new_attempt_id())
-
-    def publish(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-        metrics = {**metrics, "restarts": state.restarts, "total_steps": plan.total_steps,
-                   **{f"{k}_initial": v for k, v in state.eval_initial.items()}}
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        if rank == 0 and hub is not None:
-            hub.update.remote(metrics)
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=(ckpt.folder_name(state.step, attempt)
-                                              if checkpoint else None))
-
-    eval_now = evaluate()
-    initial = {"step": state.step, "epoch": state.epoch, **eval_now, "resumed": resumed,
-               "world_size": world, "warnings": warnings}
+    reporter = Reporter(cfg, plan, engine, state, loop_config.get("progress"), attempt)
+    initial = run_eval()
     if not resumed:
-        state.eval_initial = {k: v for k, v in eval_now.items() if v is not None}
-    publish(initial)
+        state.eval_initial = {k: v for k, v in initial.items() if v is not None}
+    reporter.publish({"step": state.step, "epoch": state.epoch, **initial, "resumed": resumed,
+                      "world_size": engine.dp_size, "warnings": warnings})
 
-    trace = (SampleTrace(trace_folder(loop_config["storage"], cfg.run.name), rank, world)
-             if cfg.run.record_samples else None)
-    window_tokens, window_loss, window_seconds = 0, 0.0, 0.0
-    window_stats: dict[str, float] = {}  # extra per-step means (DPO rewards), summed
-    start_step = state.step
+    trace = (SampleTrace(trace_folder(loop_config["storage"], cfg.run.name), engine.dp_rank,
+                         engine.dp_size) if cfg.run.record_samples else None)
     faults = loop_config.get("faults") or {}
-    last_checkpoint_step = state.step if resumed else -1
-    # Elastic runs keep the global batch of scaling.num_workers workers.
-    accum = math.ceil(t.grad_accum_steps * cfg.scaling.num_workers / world)
-    watch = PreemptionWatch(cfg.run.preemption_check_every, device)
+    watch = PreemptionWatch(cfg.run.preemption_check_every, engine.device)
+    start_step = state.step
+    last_checkpoint = state.step if resumed else -1
 
-    def checkpoint(metrics: dict[str, Any], final: bool = False) -> None:
-        nonlocal last_checkpoint_step
-        if final or t.keep_best_by == "eval_loss":
-            metrics.update(evaluate())
-        if final:
-            metrics.update(final=True, train_seconds=state.train_seconds,
-                           start_step=start_step, tokens_seen=state.tokens_seen)
-        state.world_size = world
-        metrics.setdefault("step", state.step)
-        with ckpt.staged(engine, state, rank) as folder:
-            publish(metrics, folder)
-        last_checkpoint_step = state.step
+    # Train.
     while state.step < plan.total_steps:
-        # The epoch's order is fixed by (seed, epoch, world size); the cursor skips what
-        # was trained on before a restart, also when the world size changed.
-        state.sample_cursor = stream.start_of(state.sample_cursor, world)
-        batches = prefetch(stream.batches(
-            epoch=state.epoch, seed=t.seed, world_size=world, rank=rank,
-            batch_size=t.batch_size_per_worker, start_sample=state.sample_cursor,
-            collate=train_collate))
-        micro: list[dict[str, torch.Tensor]] = []
-        for batch in batches:
-            micro.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-            if len(micro) < accum:
-                continue
-            sample_ids = [int(i) for b in micro for i in b.pop(SAMPLE_ID)]
-            step_start = time.perf_counter()
-            loss, tokens, grad_norm, stats = optimizer_step(micro)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise DivergedError(
-                    f"step {state.step + 1}: loss {loss}, gradient norm {grad_norm}. Training "
-                    "diverged (lower train.lr or train.max_grad_norm) or the model computes "
-                    "NaN/inf in this precision. Stopped before any non-finite adapter is "
-                    "checkpointed; the last checkpoint is intact.")
-            for name, value in stats.items():
-                window_stats[name] = window_stats.get(name, 0.0) + value
+        for micro in _steps_of_epoch(stream, state, engine, method, t, train_collate):
+            sample_ids = [i for m in micro for i in m.inputs.pop(SAMPLE_ID).tolist()]
+            started = time.perf_counter()
+            result = optimizer_step(engine, method, micro, autocast)
+            _stop_if_diverged(result, state.step + 1)
             state.step += 1
-            state.sample_cursor += len(sample_ids) * world  # every rank took as many
+            state.sample_cursor += len(sample_ids) * engine.dp_size  # every rank took as many
+            state.tokens_seen += result.tokens
             if trace:
                 trace.write(state, sample_ids)
-            state.tokens_seen += tokens
-            step_seconds = time.perf_counter() - step_start
-            state.train_seconds += step_seconds
-            window_seconds += step_seconds
-            window_tokens += tokens
-            window_loss += loss
-            micro = []
-            inject(faults, state.step, rank, resumed)
-            metrics: dict[str, Any] = {}
-            if state.step % t.log_every == 0 or state.step == plan.total_steps:
-                steps_in_window = (state.step - 1) % t.log_every + 1
-                metrics.update(
-                    step=state.step, epoch=state.epoch, loss=window_loss / steps_in_window,
-                    lr=engine.lr(), grad_norm=grad_norm,
-                    tokens_per_s=window_tokens / max(window_seconds, 1e-9),
-                    tokens_seen=state.tokens_seen,
-                    **speed(window_tokens / max(window_seconds, 1e-9)),
-                    **{k: v / steps_in_window for k, v in window_stats.items()},
-                )
-                window_tokens, window_loss, window_seconds = 0, 0.0, 0.0
-                window_stats = {}
+            reporter.add_step(result, time.perf_counter() - started)
+            inject(faults, state.step, engine.dp_rank, resumed)
+
             final = state.step == plan.total_steps
-            due = state.step % t.checkpoint_every == 0
-            if t.eval_every and state.step % t.eval_every == 0 and not final \
-                    and not (due and t.keep_best_by == "eval_loss"):
-                metrics.update(step=state.step, epoch=state.epoch, **evaluate())
+            metrics = reporter.window_metrics() if reporter.log_due(final) else {}
+            checkpoint_due = state.step % t.checkpoint_every == 0
+            if reporter.eval_due(final, checkpoint_due):
+                metrics.update(step=state.step, epoch=state.epoch, **run_eval())
             notice = watch.poll(state.step)
-            if final or due or notice:
+            if final or checkpoint_due or notice:
                 if notice:
                     metrics["preemption"] = "drain" if notice == watch.DRAIN else "sigterm"
-                checkpoint(metrics, final)
+                if final or t.keep_best_by == "eval_loss":
+                    metrics.update(run_eval())
+                if final:
+                    metrics.update(final=True, start_step=start_step)
+                reporter.checkpoint(metrics, final)
+                last_checkpoint = state.step
             elif metrics:
-                publish(metrics)
+                reporter.publish(metrics)
             if notice == watch.SIGTERM and not final:
                 raise PreemptedError(f"SIGTERM: checkpoint written at step {state.step}; "
                                      "stopping so that Ray Train restarts from it")
@@ -207,15 +129,69 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if state.step < plan.total_steps:
             state.epoch += 1
             state.sample_cursor = 0
-    if last_checkpoint_step != state.step:  # resumed at the very end: still hand back a result
-        checkpoint({}, final=True)
+
+    if last_checkpoint != state.step:  # resumed at the very end: still hand back a result
+        reporter.checkpoint({**run_eval(), "final": True, "start_step": start_step}, True)
+
+
+def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:
+    """(engine, pad token id): the frozen base with its speed-ups and adapter, wrapped by
+    the strategy's engine with its optimizer and scheduler."""
+    t = cfg.train
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                                   cfg.model.trust_remote_code)
+        torch.manual_seed(t.seed + ray.train.get_context().get_world_rank())
+        device = ray.train.torch.get_device()
+        base = load_base(cfg.model, cfg.scaling.use_gpu, device)
+        base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
+        engine = build_engine(add_lora(base, cfg.lora), cfg,
+                              lambda optimizer: _scheduler(optimizer, t.schedule, plan))
+    except (ImportError, NotImplementedError) as err:
+        raise UserError(f"Cannot set up training on the worker: {type(err).__name__}: "
+                        f"{err}") from err
+    # from_pretrained returns eval mode, which silently disables dropout, activation
+    # checkpointing and Liger's fused loss.
+    engine.model.train()
+    return engine, tokenizer.pad_token_id
+
+
+def _steps_of_epoch(stream: TrainStream, state: ckpt.LoopState, engine: Engine,
+                    method: TrainingMethod, t, collate):
+    """This rank's micro-batches of the rest of the epoch, `engine.accum_steps` at a time,
+    already on the device. The order is fixed by (seed, epoch, data-parallel size); the
+    cursor skips what was trained on before a restart, also when the size changed. What
+    each batch weighs is counted on its host copy, so the step needs no device sync."""
+    state.sample_cursor = stream.start_of(state.sample_cursor, engine.dp_size)
+    batches = prefetch(stream.batches(
+        epoch=state.epoch, seed=t.seed, world_size=engine.dp_size, rank=engine.dp_rank,
+        batch_size=t.batch_size_per_worker, start_sample=state.sample_cursor,
+        collate=collate))
+    micro: list[MicroBatch] = []
+    for batch in batches:
+        real = int(batch.pop(REAL_TOKENS))
+        units = method.units(batch)
+        micro.append(MicroBatch({k: v.to(engine.device, non_blocking=True)
+                                 for k, v in batch.items()}, units, real))
+        if len(micro) == engine.accum_steps:
+            yield micro
+            micro = []
+
+
+def _stop_if_diverged(result: StepResult, step: int) -> None:
+    if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+        raise DivergedError(
+            f"step {step}: loss {result.loss}, gradient norm {result.grad_norm}. Training "
+            "diverged (lower train.lr or train.max_grad_norm) or the model computes NaN/inf "
+            "in this precision. Stopped before any non-finite adapter is checkpointed; the "
+            "last checkpoint is intact.")
 
 
 class DivergedError(RuntimeError):
     """The loss or the gradient norm is NaN or infinite."""
 
 
-def _restore(engine, rank: int, world: int) -> tuple[ckpt.LoopState, bool, list[str]]:
+def _restore(engine: Engine) -> tuple[ckpt.LoopState, bool, list[str]]:
     """(state, resumed, warnings): the newest intact checkpoint's state, or a fresh one."""
     latest = ray.train.get_checkpoint()
     if not latest:
@@ -224,14 +200,10 @@ def _restore(engine, rank: int, world: int) -> tuple[ckpt.LoopState, bool, list[
         if folder is None:
             warnings.append("no intact checkpoint is left: training starts from step 0")
             return ckpt.LoopState(), False, warnings
-        state = ckpt.load(folder, engine, rank)
+        state = ckpt.load(folder, engine, ray.train.get_context().get_world_rank())
     state.restarts += 1
-    state.resumes.append({"step": state.step, "world_size": world, "time": time.time()})
+    state.resumes.append({"step": state.step, "world_size": engine.dp_size, "time": time.time()})
     return state, True, warnings
-
-
-def _eval_metrics(loss: float | None) -> dict[str, Any]:
-    return {"eval_loss": loss, "eval_perplexity": _ppl(loss)}
 
 
 def _scheduler(optimizer, schedule: str, plan: StepPlan):
@@ -240,53 +212,3 @@ def _scheduler(optimizer, schedule: str, plan: StepPlan):
     name = "constant_with_warmup" if schedule == "constant" else schedule
     return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps,
                          num_training_steps=plan.total_steps)
-
-
-def _optimizer_step(engine, micro, autocast, world, device):
-    """One optimizer step over `micro`; the loss is the mean over all trained tokens of
-    all micro-batches on all workers, whatever their padding or length."""
-    local_trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    local_real = sum(int(b.pop(REAL_TOKENS)) for b in micro)  # non-pad input tokens
-    counts = torch.tensor([local_trained, local_real], device=device, dtype=torch.long)
-    if world > 1:
-        dist.all_reduce(counts)
-    trained_tokens, real_tokens = int(counts[0]), int(counts[1])
-    # Gradients are averaged over workers, so each worker divides by the global count / world.
-    denominator = max(trained_tokens, 1) / world
-    total = 0.0
-    for i, batch in enumerate(micro):
-        last = i == len(micro) - 1
-        with engine.no_sync(last), autocast:
-            out = engine.model(**batch, num_items_in_batch=denominator)
-        engine.backward(out.loss, last)
-        total += float(out.loss.detach())
-    grad_norm = engine.step()
-    loss = torch.tensor([total / world], device=device)
-    if world > 1:
-        dist.all_reduce(loss)
-    return float(loss), real_tokens, grad_norm, {}
-
-
-@torch.no_grad()
-def _eval_loss(engine, shard, collate, batch_size, device, autocast) -> float:
-    model = engine.model
-    # Liger's fused loss skips the logits only in training mode unless told to; without it
-    # evaluation would hold a (batch, seq, vocab) tensor, the largest of the run.
-    extra = {"skip_logits": True} if getattr(engine.peft_model, "fused_linear_loss", False) else {}
-    model.eval()
-    sums = torch.zeros(2, device=device, dtype=torch.float64)
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
-                                          device=device):
-        batch.pop(REAL_TOKENS, None)
-        with autocast:
-            out = model(**batch, num_items_in_batch=1, **extra)
-        sums[0] += float(out.loss)
-        sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model.train()
-    return float(sums[0] / sums[1].clamp(min=1))
-
-
-def _ppl(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 50.0))

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typing_extensions import Self
 
+from ray_app.errors import UserError
+
 # Reported metric -> Ray metric (shown in the dashboard's metrics view; Prometheus adds the
 # "ray_" prefix: ray_ray_app_train_loss, ...).
 RAY_METRICS = {"loss": "ray_app_train_loss", "eval_loss": "ray_app_eval_loss",
@@ -98,7 +100,9 @@ def start_hub(run_name: str):
     return ProgressHub.options(scheduling_strategy=strategy).remote(run_name)
 
 class FailureRecorder(UserCallback):
-    """Runs in Ray Train's controller: forwards every worker-group failure to the hub."""
+    """Runs in Ray Train's controller: forwards every worker-group failure to the hub, and
+    stops the run at once when a worker failed with a UserError (a configuration, a
+    missing package, an unsupported combination: a retry would fail the same way)."""
 
     def __init__(self, hub):
         self.hub = hub
@@ -110,6 +114,14 @@ class FailureRecorder(UserCallback):
         parts = [f"rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}: {message}"
                  for message, r in ranks.items()]
         self.hub.failure.remote("; ".join(parts)[:1000])
+        fatal = [err for err in worker_exceptions.values() if isinstance(err, UserError)]
+        if fatal:
+            # An exception here ends the run: Ray Train does not retry its controller's.
+            raise NotRetriedError(_first_line(fatal[0]))
+
+
+class NotRetriedError(UserError):
+    """A worker's UserError, which ends the run instead of being retried."""
 
 
 def _first_line(err: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ from ray_app.train.faults import injected_faults
 from ray_app.train.identity import check_run_identity
 from ray_app.train.lease import RunLease
 from ray_app.train.loop import train_loop_per_worker
+from ray_app.train.methods import method_for
+from ray_app.train.methods.base import TrainingMethod
 from ray_app.train.plan import plan_steps
 from ray_app.train.preemption import PreemptibleTorchConfig
-from ray_app.train.progress import FailureRecorder, ProgressDisplay, start_hub
+from ray_app.train.progress import FailureRecorder, NotRetriedError, ProgressDisplay, start_hub
 from ray_app.train.trace import trace_folder
 from ray_app.train.tracking import Tracker, check_tracking_packages
 
@@ -73,8 +76,13 @@ def check_packages(cfg: Config) -> None:
     check_tracking_packages(cfg)
 
 
-def run_training(cfg: Config, console: Console) -> dict[str, Any]:
-    """The whole run on the driver: checks, data, training, final adapter, summary."""
+def run_training(cfg: Config, console: Console,
+                 on_metrics: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole run on the driver: checks, data, training, final adapter, summary.
+
+    `on_metrics(metrics)` is called on the driver with every report of rank 0 as it
+    arrives (step, loss, tokens_per_s, eval metrics, memory peaks, ..., and its `time`):
+    a loss curve for a test, timings for a benchmark."""
     check_packages(cfg)
     output = cfg.output_path()
     output.mkdir(parents=True, exist_ok=True)
@@ -82,10 +90,11 @@ def run_training(cfg: Config, console: Console) -> dict[str, Any]:
     with RunLease(cfg.storage_uri(), cfg.run.name, "train") as lease:
         if lease.warning:
             console.print(f"[yellow]{lease.warning}[/yellow]", highlight=False)
-        return _train(cfg, console, tokenizer, output)
+        return _train(cfg, console, tokenizer, output, on_metrics)
 
 
-def _train(cfg: Config, console: Console, tokenizer, output: Path) -> dict[str, Any]:
+def _train(cfg: Config, console: Console, tokenizer, output: Path,
+           on_metrics: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     if check_run_identity(cfg):
         console.print(f"Run {cfg.run.name!r} exists in {redact(cfg.storage_uri())}: resuming it.")
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
@@ -103,9 +112,14 @@ def _train(cfg: Config, console: Console, tokenizer, output: Path) -> dict[str, 
                   f"{'GPU' if cfg.scaling.use_gpu else 'CPU'} worker(s); "
                   f"checkpoints in {redact(cfg.storage_uri())}/{cfg.run.name}")
     hub = start_hub(cfg.run.name)
-    trainer = build_trainer(cfg, data, plan.to_dict(), hub)
+    trainer = build_trainer(cfg, method_for(cfg), data, plan.to_dict(), hub)
     with Tracker(cfg, console) as tracker:
-        with ProgressDisplay(hub, plan.total_steps, console, on_metrics=tracker.log):
+        def report(metrics: dict[str, Any]) -> None:
+            tracker.log(metrics)
+            if on_metrics is not None:
+                on_metrics(metrics)
+
+        with ProgressDisplay(hub, plan.total_steps, console, on_metrics=report):
             result = fit(trainer)
         summary = redact(finish(cfg, data, result, output, hub))
         tracker.finish(summary)
@@ -128,10 +142,12 @@ def fit(trainer):
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as err:
-        return FailedResult(err)
+        # A worker's UserError ends the run through the controller: report it, not the wrapper.
+        cause = getattr(err, "controller_failure", None)
+        return FailedResult(cause if isinstance(cause, NotRetriedError) else err)
 
 
-def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub,
+def build_trainer(cfg: Config, method: TrainingMethod, data: PreparedData, plan: dict, hub,
                   callbacks: tuple = ()) -> TorchTrainer:
     """`callbacks`: more Ray Train `UserCallback`s, e.g. Tune's metric forwarder for a trial."""
     # Train sequences are read by the workers themselves in a fixed order (exact resume);
@@ -139,7 +155,8 @@ def build_trainer(cfg: Config, data: PreparedData, plan: dict, hub,
     datasets = {"eval": data.split("eval")} if plan["has_eval"] else {}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "progress": hub,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "method": method,
+                           "progress": hub,
                            "train_stream": data.train_stream(), "storage": cfg.storage_uri(),
                            "faults": injected_faults()},
         scaling_config=ray.train.ScalingConfig(
@@ -183,15 +200,9 @@ def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[s
             "mfu_last": metrics.get("mfu"),
             "peak_gpu_gib": metrics.get("peak_gib"),
         },
-        "eval": {
-            "loss_initial": metrics.get("eval_loss_initial"),
-            "loss_final": metrics.get("eval_loss"),
-            "perplexity_final": metrics.get("eval_perplexity"),
-            **({f"{name}_{when}": metrics.get(f"eval_{name}{suffix}")
-                for name in ("reward_accuracy", "reward_margin")
-                for when, suffix in (("initial", "_initial"), ("final", ""))}
-               if cfg.train.method == "dpo" else {}),
-        },
+        "eval": {f"{name}_{when}": metrics.get(f"eval_{name}{suffix}")
+                 for name in ("loss", *method_for(cfg).SUMMARY)
+                 for when, suffix in (("initial", "_initial"), ("final", ""))},
         "adapter_path": None,
         "checkpoints": [c.path for c, _ in (result.best_checkpoints or [])],
         "storage": f"{cfg.storage_uri()}/{cfg.run.name}",

@@ -71,9 +71,7 @@ def final_figures(summary: dict[str, Any]) -> dict[str, Any]:
     train, evals = summary["train"], summary["eval"]
     return {"status": summary["status"], "steps": train["steps"],
             "tokens_seen": train["tokens_seen"], "tokens_per_s": train["tokens_per_s"],
-            "restarts": train["restarts"], "eval_loss_initial": evals["loss_initial"],
-            "eval_loss_final": evals["loss_final"],
-            "eval_perplexity_final": evals["perplexity_final"]}
+            "restarts": train["restarts"], **{f"eval_{k}": v for k, v in evals.items()}}
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:

@@ -20,6 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray_app.data.pipeline import PreparedData
 from ray_app.summary import write_summary
 from ray_app.train.identity import check_run_identity
+from ray_app.train.methods import method_for
 from ray_app.train.plan import plan_steps
 from ray_app.train.progress import start_hub
 from ray_app.train.run import build_trainer, finish, fit
@@ -69,7 +70,7 @@ def run_trial(values: dict[str, Any], setup: StudySetup) -> None:
     plan = plan_steps(cfg, data.report.train_sequences, data.report.eval_records,
                       cfg.scaling.num_workers)
     hub = start_hub(cfg.run.name)
-    trainer = build_trainer(cfg, data, plan.to_dict(), hub,
+    trainer = build_trainer(cfg, method_for(cfg), data, plan.to_dict(), hub,
                             callbacks=(MetricForwarder(setup.metric),))
     result = fit(trainer)
     summary = finish(cfg, data, result, output, hub)

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ray_app.config import DpoSection
-from ray_app.data.collate import REAL_TOKENS, PackedCollate
+from ray_app.data.collate import PackedCollate
 from ray_app.data.order import SAMPLE_ID
 from ray_app.data.tokenize import IGNORE
+from ray_app.train.methods.base import TrainingMethod
 
 # Per pair, summed over pairs (then divided by the pair count for the metrics).
 STATS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
@@ -105,46 +105,28 @@ def _pair_forward(engine, batch, autocast, settings: DpoSection):
     return pair_losses(policy, reference, tokens, settings)
 
 
-def optimizer_step(engine, micro, autocast, world: int, device, settings: DpoSection):
-    """One optimizer step over `micro` (batches of PairCollate); the loss is the mean over
-    all pairs of all micro-batches on all workers. Returns (loss, real tokens, grad norm,
-    the mean of each of STATS)."""
-    local = [sum((int(b[ROW].max()) + 1) // 2 for b in micro),
-             sum(int(b.pop(REAL_TOKENS)) for b in micro)]
-    counts = torch.tensor(local, device=device, dtype=torch.long)
-    if world > 1:
-        dist.all_reduce(counts)
-    pairs, real_tokens = int(counts[0]), int(counts[1])
-    denominator = max(pairs, 1) / world  # gradients are averaged over workers
-    sums = torch.zeros(len(STATS), device=device, dtype=torch.float64)
-    for i, batch in enumerate(micro):
-        last = i == len(micro) - 1
-        with engine.no_sync(last):
-            losses, stats = _pair_forward(engine, batch, autocast, settings)
-            engine.backward(losses.sum() / denominator, last)
-        sums += stats.sum(0)
-    grad_norm = engine.step()
-    if world > 1:
-        dist.all_reduce(sums)
-    means = {name: float(v) for name, v in zip(STATS, sums / max(pairs, 1))}
-    return means.pop("loss"), real_tokens, grad_norm, means
+class DPO(TrainingMethod):
+    """train.method=dpo; each pair weighs the same in the step's mean."""
 
+    name = "dpo"
+    records = "pairs"
+    STATS = STATS
+    SUMMARY = ("reward_accuracy", "reward_margin")
 
-@torch.no_grad()
-def evaluate(engine, shard, collate, batch_size: int, device, autocast,
-             settings: DpoSection) -> dict[str, float]:
-    """eval_loss (the DPO loss), eval_reward_accuracy, eval_reward_margin, eval_chosen_reward
-    and eval_rejected_reward over the eval pairs of all workers."""
-    engine.model.eval()
-    sums = torch.zeros(len(STATS) + 1, device=device, dtype=torch.float64)
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
-                                          device=device):
-        batch.pop(REAL_TOKENS, None)
-        _, stats = _pair_forward(engine, batch, autocast, settings)
-        sums[:-1] += stats.sum(0)
-        sums[-1] += stats.shape[0]
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    engine.model.train()
-    means = sums[:-1] / sums[-1].clamp(min=1)
-    return {f"eval_{name}": float(v) for name, v in zip(STATS, means)}
+    def collates(self, pad_id: int, flatten: bool):
+        collate = PairCollate(pad_id, flatten=flatten)
+        return collate, collate
+
+    def units(self, batch) -> int:
+        return (int(batch[ROW].max()) + 1) // 2
+
+    def loss(self, engine, batch, autocast, denominator):
+        losses, stats = _pair_forward(engine, batch, autocast, self.cfg.train.dpo)
+        return losses.sum() / denominator, stats.sum(0)
+
+    def eval_sums(self, engine, batch, autocast):
+        _, stats = _pair_forward(engine, batch, autocast, self.cfg.train.dpo)
+        return stats.sum(0), stats.shape[0]
+
+    def describe(self):
+        return {**super().describe(), **self.cfg.train.dpo.model_dump()}

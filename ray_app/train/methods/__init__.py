@@ -1,0 +1,23 @@
+"""Training methods, by the name `train.method` gives (see `base.TrainingMethod`)."""
+
+from __future__ import annotations
+
+from ray_app.config import Config
+from ray_app.errors import UserError
+from ray_app.train.methods.base import TrainingMethod
+from ray_app.train.methods.dpo import DPO
+from ray_app.train.methods.sft import SFT
+
+METHODS: dict[str, type[TrainingMethod]] = {
+    "sft": SFT,
+    "dpo": DPO,
+}
+
+
+def method_for(cfg: Config) -> TrainingMethod:
+    """The method of `cfg.train.method`, or a UserError naming the known ones."""
+    try:
+        return METHODS[cfg.train.method](cfg)
+    except KeyError:
+        raise UserError(f"train.method: unknown method {cfg.train.method!r}; known: "
+                        f"{', '.join(METHODS)}.") from None
