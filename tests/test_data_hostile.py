@@ -4,9 +4,11 @@ with its file, line and a reason that names the problem, and nothing aborts the 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -17,7 +19,7 @@ from ray_app.config import validate_config
 from ray_app.data.pipeline import prepare
 from ray_app.data.report import render_report
 from ray_app.data.sources import expand_sources
-from ray_app.data.tokenize import PLAIN_PROMPT, load_tokenizer
+from ray_app.data.tokenize import PLAIN_PROMPT, RecordRules, TokenizeRecords, load_tokenizer
 from ray_app.errors import UserError
 from ray_app.quickstart import TOKENIZER_DIR
 
@@ -107,3 +109,64 @@ def test_a_tokenizer_without_chat_template_trains_on_the_plain_prompt_and_says_s
     console = Console(record=True, width=400)
     render_report(report, console)
     assert console.export_text().count("has no chat template") == 1
+
+
+def _batch(lines: list[str], fmt: str) -> dict:
+    n = len(lines)
+    return {"source": np.array(["f.jsonl"] * n), "source_id": np.zeros(n, dtype=np.int32),
+            "line": np.arange(1, n + 1), "text": np.array(lines, dtype=object),
+            "bad_utf8": np.zeros(n, dtype=bool),
+            "num_bytes": np.array([len(x.encode()) for x in lines]),
+            "file_format": np.array([fmt] * n), "role": np.array(["train"] * n),
+            "error": np.array([""] * n)}
+
+
+def test_a_text_the_tokenizer_refuses_or_an_unforeseen_error_rejects_only_its_record(monkeypatch):
+    tok = TokenizeRecords(str(TOKENIZER_DIR), RecordRules(max_seq_len=64))
+    real = tok.tokenizer
+
+    class Refusing:  # the real tokenizer, except that it refuses any text holding BOOM
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, texts, **kwargs):
+            if any("BOOM" in t for t in texts):
+                raise TypeError("TextEncodeInput must be Union[...]")
+            return real(texts, **kwargs)
+
+    tok.tokenizer = Refusing()
+    lines = [json.dumps({"text": t}) for t in ("fine", "BOOM", "also fine", "KABOOM")]
+    rows = tok(_batch(lines, "text")).to_pylist()
+    assert [r["status"] for r in rows] == ["accepted", "rejected", "accepted", "rejected"]
+    assert rows[1]["reason"] == "cannot tokenize: TypeError: TextEncodeInput must be Union[...] (text format)"
+
+    from ray_app.data import tokenize
+
+    def broken(*args, **kwargs):
+        raise KeyError("no such thing")
+
+    monkeypatch.setattr(tokenize, "to_turns", broken)
+    (row,) = tok(_batch([json.dumps({"text": "x"})], "text")).to_pylist()
+    assert row["reason"] == "unexpected error: KeyError: 'no such thing' (text format)"
+
+
+def test_a_template_that_fails_in_python_rejects_with_the_error_type():
+    tok = TokenizeRecords(str(TOKENIZER_DIR), RecordRules(max_seq_len=64))
+    tok.tokenizer.chat_template = "{{ messages[0]['content'] + 1 }}"
+    (row,) = tok(_batch([json.dumps({"instruction": "q", "output": "a"})], "alpaca")).to_pylist()
+    assert row["reason"].startswith("chat template error: TypeError: ")
+
+
+def test_a_very_long_conversation_is_rendered_only_as_far_as_the_token_limit():
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"}
+             for i in range(3000)]
+    line = json.dumps({"messages": turns})
+    tok = TokenizeRecords(str(TOKENIZER_DIR), RecordRules(max_seq_len=64))
+    started = time.perf_counter()
+    (row,) = tok(_batch([line], "messages")).to_pylist()
+    assert time.perf_counter() - started < 5  # all 1,500 trained turns: about a minute
+    full = tok.tokenizer.apply_chat_template(turns[:40], tokenize=False)
+    assert row["input_ids"] == tok.tokenizer(full, add_special_tokens=False)["input_ids"][:64]
+    strict = TokenizeRecords(str(TOKENIZER_DIR), RecordRules(max_seq_len=64, truncation="reject"))
+    (row,) = strict(_batch([line], "messages")).to_pylist()
+    assert row["reason"].startswith("too long: more than ") and "data.max_seq_len=64" in row["reason"]
