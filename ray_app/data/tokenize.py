@@ -230,7 +230,7 @@ class TokenizeRecords:
             "raw": "", "format": "", "split": "eval" if role == "eval" else "",
             "content_hash": "", "num_tokens": 0, "trained_tokens": 0, "input_ids": [],
             "labels": [], "rejected_input_ids": [], "rejected_labels": [],
-            "_cut": False,  # rendering stopped at the token limit (not an output column)
+            "_cut": [],  # per view: rendering stopped at the token limit (not an output column)
         }
         text = str(batch["text"][i])
         try:
@@ -264,7 +264,7 @@ class TokenizeRecords:
                 rendered = [render(turns, self.tokenizer, self.stop_after)]
             digest, split = split_of(key, rules.eval_fraction)
             row.update(content_hash=digest, split=row["split"] or split,
-                       _cut=any(cut for _, cut in rendered))
+                       _cut=[cut for _, cut in rendered])
             return row, [pieces for pieces, _ in rendered]
         except RecordError as err:
             self.reject(row, str(err), text)
@@ -276,7 +276,7 @@ class TokenizeRecords:
                text: str) -> None:
         """Applies the length rules to the tokenized views and fills the row."""
         try:
-            (ids, labels), *rest = [self._limit(*t, cut=row["_cut"]) for t in tokens]
+            (ids, labels), *rest = [self._limit(*t, cut=cut) for t, cut in zip(tokens, row["_cut"])]
             trained = int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE))
             if trained == 0:
                 raise RecordError(f"no trainable tokens within max_seq_len={self.rules.max_seq_len}")
