@@ -76,10 +76,16 @@ def test_an_empty_train_set_is_a_user_error_naming_every_shard(ray_cluster, tmp_
         prepare(cfg, cfg.storage_uri(), tmp_path / "rejects")
     message = str(err.value)
     assert message.startswith("There is nothing to train on")
-    assert "empty.jsonl: no records (empty file)" in message
+    assert "empty.jsonl: no records (empty, or only blank lines)" in message
     assert "broken.jsonl: 2 records, 2 rejected" in message and "invalid JSON" in message
     assert "cut.jsonl.gz: 1 records, 1 rejected (1 x compressed stream truncated or corrupt)" in message
     assert len((tmp_path / "rejects/rejects.jsonl").read_text().splitlines()) == 3
+
+    for shard in ("broken.jsonl", "cut.jsonl.gz"):  # nothing at all: no record, no reject
+        (folder / shard).write_bytes(b"" if shard.endswith(".gz") else b"\n \n")
+    with pytest.raises(UserError, match="Point data.train at shards that hold records") as err:
+        prepare(cfg, cfg.storage_uri(), tmp_path / "rejects")
+    assert str(err.value).count("no records (empty, or only blank lines)") == 3
 
 
 def test_a_folder_without_shards_is_a_user_error(tmp_path):

@@ -169,7 +169,7 @@ def no_train_records(report: DataReport, train_paths: list[str], rejects: Path) 
     lines = []
     for path in train_paths:
         f = files[path]
-        parts = [f"{f.records_read} records"] if f.records_read else ["no records (empty file)"]
+        parts = [f"{f.records_read} records" if f.records_read else "no records (empty, or only blank lines)"]
         if f.rejected:
             why = ", ".join(f"{n} x {r}" for r, n in f.reject_reasons.items())
             parts.append(f"{f.rejected} rejected ({why})")
@@ -178,10 +178,11 @@ def no_train_records(report: DataReport, train_paths: list[str], rejects: Path) 
         if f.eval_records:
             parts.append(f"{f.eval_records} in the eval split")
         lines.append(f"  - {path}: {', '.join(parts)}")
-    return UserError(
-        "There is nothing to train on: no record of data.train was accepted.\n"
-        + "\n".join(lines) + f"\nEvery rejected line is listed with file, line and reason "
-        f"in {rejects}. Fix those lines, or add shards with valid records to data.train.")
+    fix = (f"Every rejected line is listed with file, line and reason in {rejects}. Fix "
+           "those lines, or add shards with valid records to data.train." if report.rejected
+           else "Point data.train at shards that hold records.")
+    return UserError("There is nothing to train on: no record of data.train was accepted.\n"
+                     + "\n".join(lines) + "\n" + fix)
 
 
 # The cache of one fingerprint is `<cache>/report.json`, the commit marker, plus the build
