@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -19,13 +19,13 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 from typing_extensions import Self
 
 from ray_app.errors import UserError
 from ray_app.secrets import has_userinfo, redact
+from ray_app.tune.space_language import Distribution, grid_problem, space_problems
 
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 
@@ -69,8 +69,13 @@ class LoraSection(_Section):
     )
 
 
-FORMAT_NAMES = ("auto", "text", "alpaca", "messages", "preference")
 CHAT_ROLES = ("system", "user", "assistant")
+
+# The record formats, listed once: ray_app/data/formats.py reads each of them, and the
+# errors and `ray-app train --help` list them from here. `auto` detects each file's format.
+RecordFormat = Literal["text", "alpaca", "messages", "preference"]
+FormatSetting = Literal["auto", RecordFormat]
+FORMAT_SETTINGS: tuple[str, ...] = get_args(FormatSetting)
 
 
 STANDARD_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "role",
@@ -86,17 +91,25 @@ def _check_fields(value: dict[str, str]) -> dict[str, str]:
 
 
 def _check_format(value: Any) -> Any:
-    if value is not None and value not in FORMAT_NAMES:
-        raise ValueError("must be 'auto', 'text', 'alpaca' or 'messages' (SFT records), or "
-                         "'preference' (prompt/chosen/rejected pairs)")
-    return value
+    if value is None or value in FORMAT_SETTINGS:
+        return value
+    hint = difflib.get_close_matches(str(value), FORMAT_SETTINGS, n=1)
+    did = f"did you mean {hint[0]!r}? " if hint else ""
+    raise ValueError(f"unknown record format; {did}Allowed: {_one_of(FORMAT_SETTINGS)} (auto "
+                     "detects each file's format; preference is prompt/chosen/rejected pairs)")
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(map(repr, values[:-1])) + f" or {values[-1]!r}"
 
 
 class SourceSpec(_Section):
     """One data source with its own format, field names and sampling weight."""
 
     path: list[str] = Field(..., min_length=1, description="Files, folders, globs or URIs.")
-    format: str | None = Field(None, description="Format of this source; default data.format.")
+    format: FormatSetting | None = Field(
+        None, description="Format of this source; default data.format."
+    )
     fields: dict[str, str] = Field(
         default_factory=dict,
         description="Standard field name -> this source's key; default data.fields.",
@@ -111,9 +124,9 @@ class SourceSpec(_Section):
     def _one_path_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("format")
+    @field_validator("format", mode="before")
     @classmethod
-    def _known_format(cls, value: str | None) -> str | None:
+    def _known_format(cls, value: Any) -> Any:
         return _check_format(value)
 
     @field_validator("fields")
@@ -134,8 +147,8 @@ class DataSection(_Section):
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="Share of train records held out for eval (by hash)."
     )
-    format: str = Field(
-        "auto", description="auto | text | alpaca | messages | preference; auto detects per file."
+    format: FormatSetting = Field(
+        "auto", description=f"{' | '.join(FORMAT_SETTINGS)}; auto detects per file."
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -171,15 +184,27 @@ class DataSection(_Section):
     def _one_path_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, dict)) else value
 
-    @field_validator("format")
+    @field_validator("format", mode="before")
     @classmethod
-    def _known_format(cls, value: str) -> str:
+    def _known_format(cls, value: Any) -> Any:
         return _check_format(value)
 
     @field_validator("fields")
     @classmethod
     def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
         return _check_fields(value)
+
+    @model_validator(mode="after")
+    def _token_limits_leave_room(self) -> Self:
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"data.max_tokens={self.max_tokens} is below data.min_tokens="
+                             f"{self.min_tokens}, so every record would be rejected: raise "
+                             "data.max_tokens (or null for no limit), or lower data.min_tokens")
+        return self
+
+    def has_eval_source(self) -> bool:
+        """Whether eval records can exist: eval shards, or a share of train held out."""
+        return bool(self.eval) or self.eval_fraction > 0
 
     def sources(self, which: Literal["train", "eval"]) -> list[SourceSpec]:
         """The train or eval entries as `SourceSpec`s with the section-wide defaults filled in."""
@@ -203,6 +228,14 @@ class DpoSection(_Section):
         0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels "
         "(conservative DPO; sigmoid loss only)."
     )
+
+    @model_validator(mode="after")
+    def _smoothing_needs_sigmoid(self) -> Self:
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"train.dpo.label_smoothing={self.label_smoothing} applies to "
+                             f"train.dpo.loss: sigmoid only, and {self.loss} would ignore it: "
+                             "set label_smoothing: 0, or loss: sigmoid")
+        return self
 
 
 class TrainSection(_Section):
@@ -298,6 +331,20 @@ class ScalingSection(_Section):
         if self.ds_offload == "optimizer_and_params" and self.ds_stage != 3:
             raise ValueError("offload=optimizer_and_params needs zero_stage=3 (ZeRO-2 does not "
                              "partition parameters, so it cannot offload them)")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_resources_match_use_gpu(self) -> Self:
+        # Ray Train refuses both when it builds its ScalingConfig, after the data is prepared.
+        gpus = (self.resources_per_worker or {}).get("GPU")
+        if gpus and not self.use_gpu:
+            raise ValueError(f"scaling.resources_per_worker asks for GPU: {gpus:g} per worker, "
+                             "and scaling.use_gpu is false: set scaling.use_gpu: true to train "
+                             "on GPUs, or remove GPU from scaling.resources_per_worker")
+        if gpus == 0 and self.use_gpu:
+            raise ValueError("scaling.resources_per_worker gives GPU: 0, and scaling.use_gpu is "
+                             "true (one GPU per worker): remove GPU: 0, or set "
+                             "scaling.use_gpu: false")
         return self
 
     @property
@@ -417,76 +464,6 @@ class TrackingSection(_Section):
         return value
 
 
-DISTRIBUTIONS = {
-    "loguniform": "[low, high]: floats, log scale (low > 0)",
-    "uniform": "[low, high]: floats",
-    "randint": "[low, high]: integers from low to high - 1",
-    "choice": "[a, b, ...]: one of the values, sampled",
-    "grid": "[a, b, ...]: every value, each in its own trials (random search only)",
-}
-# Keys a trial may not change: data settings and the tokenizer would each need their own
-# tokenized dataset (prepared once per study), run settings name the study itself, and the
-# worker count and resources decide how many trials fit the cluster.
-FIXED_IN_A_STUDY = ("data.", "run.", "tune.", "tracking.", "model.name_or_path", "model.tokenizer",
-                    "train.method",
-                    "scaling.num_workers", "scaling.min_workers", "scaling.use_gpu",
-                    "scaling.resources_per_worker")
-
-
-class Distribution(BaseModel):
-    """One search-space entry, written in YAML as `{loguniform: [1.0e-5, 1.0e-3]}`."""
-
-    model_config = ConfigDict(frozen=True)
-    kind: str
-    values: list[Any]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_yaml(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and set(raw) == {"kind", "values"}:
-            return raw
-        if not isinstance(raw, dict) or len(raw) != 1:
-            raise ValueError("must be one distribution, e.g. {loguniform: [1.0e-5, 1.0e-3]} or "
-                             f"{{choice: [8, 16]}}; distributions: {', '.join(DISTRIBUTIONS)}")
-        (kind, values), = raw.items()
-        if kind not in DISTRIBUTIONS:
-            hint = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
-            did = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(f"unknown distribution {kind!r}{did} Allowed: "
-                             + "; ".join(f"{k} {v}" for k, v in DISTRIBUTIONS.items()))
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"{kind} takes a non-empty list: {kind} {DISTRIBUTIONS[kind]}")
-        if kind in ("loguniform", "uniform", "randint"):
-            _check_bounds(kind, values)
-        return {"kind": kind, "values": values}
-
-    @model_serializer
-    def _as_yaml(self) -> dict[str, list[Any]]:
-        return {self.kind: self.values}
-
-    def candidates(self) -> list[Any]:
-        """Values that stand for the whole range when checked against the config: both
-        bounds, and for continuous ranges a non-integer inside them."""
-        if self.kind in ("choice", "grid"):
-            return list(self.values)
-        low, high = self.values
-        if self.kind == "randint":
-            return [low, high - 1]
-        return [float(low), float(high), low + (high - low) * 0.37]
-
-
-def _check_bounds(kind: str, values: list[Any]) -> None:
-    number = int if kind == "randint" else (int, float)
-    if len(values) != 2 or not all(isinstance(v, number) and not isinstance(v, bool)
-                                   for v in values):
-        raise ValueError(f"{kind} takes {DISTRIBUTIONS[kind]}, got {values!r}")
-    low, high = values
-    if not low < high:
-        raise ValueError(f"{kind} bounds must satisfy low < high, got low={low}, high={high}")
-    if kind == "loguniform" and low <= 0:
-        raise ValueError(f"loguniform needs low > 0 (log scale), got low={low}")
-
-
 class TuneSection(_Section):
     space: dict[str, Distribution] = Field(
         default_factory=dict, description="Search space: dotted config key -> distribution "
@@ -533,10 +510,9 @@ class TuneSection(_Section):
 
     @model_validator(mode="after")
     def _grid_needs_random_search(self) -> Self:
-        grids = [key for key, dist in self.space.items() if dist.kind == "grid"]
-        if grids and self.search == "optuna":
-            raise ValueError(f"search=optuna cannot run grid entries ({', '.join(grids)}); "
-                             "use choice for them, or search: random")
+        problem = grid_problem(self.space, self.search)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -552,9 +528,11 @@ class Config(_Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
-    def _space_keys_are_config_keys(self) -> Self:
-        problems = [_space_key_problem(self, key, dist) for key, dist in self.tune.space.items()]
-        problems = [p for p in problems if p]
+    def _sections_agree(self) -> Self:
+        """The rules between sections, all reported at once; then the search space, whose
+        values are checked against the rest of this config (ray_app.tune.space_language)."""
+        problems = [p for rule in _CROSS_SECTION_RULES if (p := rule(self))]
+        problems += space_problems(self)
         if problems:
             raise ValueError("\n  - ".join(problems))
         return self
@@ -609,29 +587,53 @@ def _in_runtime_working_dir() -> bool:
     return any(part.startswith("_ray_pkg_") for part in Path.cwd().parts)
 
 
-def _space_key_problem(cfg: Config, key: str, dist: Distribution) -> str | None:
-    where = f"tune.space.{key}"
-    known = [f"{s}.{k}" for s, f in Config.model_fields.items() for k in f.annotation.model_fields]
-    if key not in known:
-        hint = difflib.get_close_matches(key, known, n=1)
-        did = f"; did you mean {hint[0]!r}?" if hint else ""
-        return f"{where}: {key!r} is not a config key{did} Use section.key, e.g. train.lr."
-    if key.startswith(FIXED_IN_A_STUDY):
-        return (f"{where}: {key} cannot vary between trials: every trial trains on the one "
-                "tokenized dataset of the study and fits the same resources. Set it outside "
-                "tune.space (run one study per value).")
-    section, name = key.split(".")
-    base = cfg.model_dump(mode="json", exclude={"tune"})
-    for value in dist.candidates():
-        try:
-            Config.model_validate({**base, section: {**base[section], name: value}})
-        except ValidationError as err:
-            reason = err.errors()[0]["msg"]
-            fix = ("Use randint or choice for whole numbers." if "integer" in reason
-                   else f"Keep the range inside what {key} allows.")
-            return (f"{where}: {dist.kind} {dist.values!r} allows {value!r}, which {key} does "
-                    f"not take ({reason}). {fix}")
+def _no_eval_data(cfg: Config) -> str:
+    return (f"data.eval is empty and data.eval_fraction is {cfg.data.eval_fraction:g}, so there "
+            "are no eval records: set data.eval (eval shards) or data.eval_fraction > 0 "
+            "(e.g. 0.05)")
+
+
+def _keep_best_needs_eval(cfg: Config) -> str | None:
+    if cfg.train.keep_best_by == "eval_loss" and not cfg.data.has_eval_source():
+        return (f"train.keep_best_by: eval_loss ranks checkpoints by eval loss, but "
+                f"{_no_eval_data(cfg)}, or use train.keep_best_by: latest.")
     return None
+
+
+def _tune_metric_needs_eval(cfg: Config) -> str | None:
+    metric = cfg.tune.metric
+    if cfg.tune.space and metric.startswith("eval") and not cfg.data.has_eval_source():
+        return (f"tune.metric: {metric} ranks trials by an eval metric, but "
+                f"{_no_eval_data(cfg)}, or use tune.metric: loss.")
+    return None
+
+
+def _gpu_only_kernels(cfg: Config) -> str | None:
+    if cfg.scaling.use_gpu:
+        return None
+    if cfg.model.attn_implementation == "flash_attention_2":
+        return ("model.attn_implementation: flash_attention_2 needs scaling.use_gpu: true "
+                "(flash-attn runs on CUDA GPUs only): set scaling.use_gpu: true, or use "
+                "model.attn_implementation: sdpa on CPU.")
+    if cfg.model.liger == "on":
+        return ("model.liger: on needs scaling.use_gpu: true (Liger's kernels are Triton GPU "
+                "kernels): set scaling.use_gpu: true, or use model.liger: auto (on with GPUs "
+                "only) or off.")
+    return None
+
+
+def _sample_trace_needs_a_file_system(cfg: Config) -> str | None:
+    storage = cfg.run.storage_path
+    if cfg.run.record_samples and "://" in storage:
+        return (f"run.record_samples: true appends to trace files under run.storage_path, "
+                f"and {storage.split('://')[0]}:// object storage cannot be appended to: use a "
+                "local or NFS run.storage_path, or set run.record_samples: false.")
+    return None
+
+
+# Each takes the validated sections and returns the problem, or None.
+_CROSS_SECTION_RULES = (_keep_best_needs_eval, _tune_metric_needs_eval, _gpu_only_kernels,
+                        _sample_trace_needs_a_file_system)
 
 
 def section_names() -> list[str]:
@@ -658,11 +660,23 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        lines = [_describe(e) for e in err.errors()]
+        lines = [_describe(e) for e in _as_written(err.errors())]
         raise UserError(
             f"Invalid configuration in {source}:\n  - " + "\n  - ".join(lines)
             + "\nSee jobs/configs/example.yaml or `ray-app train --help` for every key."
         ) from None
+
+
+def _as_written(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A data source is a path or a mapping (`str | SourceSpec`), and pydantic reports a bad
+    one against both: keep the errors of the form it was written in, at the entry's key."""
+    out = []
+    for error in errors:
+        loc = error["loc"]
+        if "str" in loc and isinstance(error.get("input"), dict):
+            continue
+        out.append({**error, "loc": tuple(p for p in loc if p not in ("str", "SourceSpec"))})
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -715,19 +729,33 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{loc}: required key is missing."
     if not loc:  # a check across sections words its own message
         return error["msg"].removeprefix("Value error, ")
+    if kind == "value_error" and _allowed_keys(loc):
+        # A rule between keys of one section names them; its input is the whole section.
+        return f"{loc}: {error['msg'].removeprefix('Value error, ')}."
     value = redact(error.get("input"))  # a rejected URI may hold a password
     return f"{loc}: got {value!r}; {error['msg'][0].lower()}{error['msg'][1:]}."
 
 
 def _allowed_keys(section: str) -> list[str]:
-    model: type[BaseModel] = Config
+    """The keys of the section at dotted `section` (list positions skipped), or []."""
+    model: type[BaseModel] | None = Config
     for part in filter(None, section.split(".")):
+        if part.isdigit():
+            continue
         field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _model_in(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds: itself, or inside a list or union (data.train)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is dict:
+        return None
+    return next(filter(None, map(_model_in, get_args(annotation))), None)
 
 
 def describe_keys() -> str:

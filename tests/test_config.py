@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ray_app.cli import main
-from ray_app.config import Config, load_config, validate_config
+from ray_app.config import FORMAT_SETTINGS, Config, load_config, validate_config
 from ray_app.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +51,7 @@ def test_wrong_type_names_key_and_value():
     ("train", "lr", -1, "greater than 0"),
     ("scaling", "num_workers", 0, "greater than or equal to 1"),
     ("data", "eval_fraction", 1.5, "less than 1"),
-    ("data", "format", "csv", "'auto', 'text', 'alpaca' or 'messages'"),
+    ("data", "format", "csv", "'auto', 'text', 'alpaca', 'messages' or 'preference'"),
     ("lora", "dropout", 1.0, "less than 1"),
     ("run", "name", "bad name!", "letters, digits"),
     ("scaling", "resources_per_worker", {"CPU": -1}, ">= 0"),
@@ -125,3 +127,97 @@ def test_train_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in _keys(Config):
         assert f"  {key.split('.')[1]} (" in out
+
+
+def test_format_errors_list_the_formats_of_the_one_literal_and_suggest_the_nearest():
+    assert FORMAT_SETTINGS == ("auto", "text", "alpaca", "messages", "preference")
+    msg = _error({"data": {"train": [{"path": "x.jsonl", "format": "mesages"}]}})
+    assert "data.train.0.format: got 'mesages'" in msg and "did you mean 'messages'?" in msg
+    assert "'auto', 'text', 'alpaca', 'messages' or 'preference'" in msg
+    assert validate_config({"data": {"train": ["x"], "format": "preference"}}).data.format == (
+        "preference")
+
+
+def test_importing_config_starts_neither_ray_nor_torch():
+    code = ("import sys, ray_app.config; heavy = {'ray', 'torch', 'transformers', 'pyarrow'}; "
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def _with(**sections) -> dict:
+    raw = _valid()
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw
+
+
+@pytest.mark.parametrize("sections,expected", [
+    ({"train": {"keep_best_by": "eval_loss"}, "data": {"eval_fraction": 0}},
+     ["train.keep_best_by: eval_loss", "data.eval is empty and data.eval_fraction is 0",
+      "set data.eval (eval shards) or data.eval_fraction > 0", "train.keep_best_by: latest"]),
+    ({"tune": {"space": {"train.lr": {"choice": [1e-4]}}}, "data": {"eval_fraction": 0}},
+     ["tune.metric: eval_loss", "data.eval_fraction is 0", "or use tune.metric: loss"]),
+    ({"model": {"attn_implementation": "flash_attention_2"}},
+     ["model.attn_implementation: flash_attention_2 needs scaling.use_gpu: true",
+      "CUDA GPUs only", "model.attn_implementation: sdpa on CPU"]),
+    ({"model": {"liger": "on"}},
+     ["model.liger: on needs scaling.use_gpu: true", "model.liger: auto", "or off"]),
+    ({"run": {"record_samples": True, "storage_path": "s3://bucket/runs"}},
+     ["run.record_samples: true", "s3:// object storage", "local or NFS run.storage_path",
+      "run.record_samples: false"]),
+    ({"data": {"min_tokens": 10, "max_tokens": 5}},
+     ["data: data.max_tokens=5 is below data.min_tokens=10", "every record would be rejected",
+      "raise data.max_tokens"]),
+    ({"train": {"dpo": {"loss": "hinge", "label_smoothing": 0.1}}},
+     ["train.dpo: train.dpo.label_smoothing=0.1", "loss: sigmoid only",
+      "set label_smoothing: 0, or loss: sigmoid"]),
+    ({"scaling": {"resources_per_worker": {"CPU": 1, "GPU": 1}}},
+     ["scaling: scaling.resources_per_worker asks for GPU: 1", "scaling.use_gpu is false",
+      "set scaling.use_gpu: true", "remove GPU from scaling.resources_per_worker"]),
+    ({"scaling": {"use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 0}}},
+     ["scaling.resources_per_worker gives GPU: 0", "remove GPU: 0",
+      "scaling.use_gpu: false"]),
+    ({"tune": {"space": {"data.max_seq_len": {"choice": [64, 128]}}}},
+     ["tune.space.data.max_seq_len: data.max_seq_len cannot vary between trials",
+      "Set it outside tune.space"]),
+])
+def test_settings_that_cannot_work_together_are_named_with_both_keys_and_the_fix(sections,
+                                                                                  expected):
+    msg = _error(_with(**sections))
+    for part in expected:
+        assert part in msg, (part, msg)
+
+
+def test_every_rule_between_sections_is_reported_at_once():
+    msg = _error(_with(model={"attn_implementation": "flash_attention_2"},
+                       train={"keep_best_by": "eval_loss"}, data={"eval_fraction": 0}))
+    assert "train.keep_best_by" in msg and "model.attn_implementation" in msg
+
+
+def test_rules_between_sections_accept_the_settings_that_work():
+    validate_config(_with(model={"attn_implementation": "flash_attention_2", "liger": "on"},
+                          scaling={"use_gpu": True, "resources_per_worker": {"CPU": 4, "GPU": 1}},
+                          train={"keep_best_by": "eval_loss",
+                                 "dpo": {"loss": "ipo", "label_smoothing": 0.0}},
+                          data={"eval": ["e.jsonl"], "eval_fraction": 0, "max_tokens": 5,
+                                "min_tokens": 5},
+                          run={"record_samples": True, "storage_path": "/mnt/shared/runs"}))
+    # a study that ranks by train loss needs no eval data
+    validate_config(_with(data={"eval_fraction": 0},
+                          tune={"metric": "loss", "space": {"train.lr": {"choice": [1e-4]}}}))
+
+
+def test_a_search_space_value_that_breaks_a_rule_between_sections_is_named():
+    msg = _error(_with(data={"eval_fraction": 0}, tune={"metric": "loss", "space": {
+        "train.keep_best_by": {"choice": ["latest", "eval_loss"]}}}))
+    assert "tune.space.train.keep_best_by: choice ['latest', 'eval_loss'] allows 'eval_loss'" in msg
+    assert "train.keep_best_by: latest" in msg
+
+
+def test_a_source_mapping_is_reported_as_written_with_its_own_keys():
+    msg = _error({"data": {"train": ["x"], "eval": {"path": "e.jsonl", "wieght": 2}}})
+    assert ("data.eval.0.wieght: unknown key in section 'data.eval.0'; did you mean 'weight'? "
+            "Allowed: path, format, fields, weight.") in msg
+    assert ".str" not in msg and "SourceSpec" not in msg
