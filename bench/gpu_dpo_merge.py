@@ -3,17 +3,29 @@
 One GPU, in this order (results are written to <out>/gpu_dpo_merge.json after each part):
 
 1. A random-init bf16 model of the 8B shape, saved with `save_pretrained` (no weights can
-   be downloaded; the compute and memory are those of the real shape).
+   be downloaded; the compute and memory are those of the real shape), with the bundled
+   tokenizer's pad and EOS ids. Kept in the work folder: a later run reuses it.
 2. `train.method=dpo` through `ray_app.train.run.run_training` (Ray Data + Ray Train, one
    GPU worker): 4-bit NF4 base (`model.quantization=nf4`), LoRA r=16 on q,k,v,o, the
-   reference being the same base with the adapter disabled. Preference records of random
-   words: prompt, chosen and rejected answers of log-normal lengths. Reported: tokens/s
-   over the run (chosen + rejected tokens, wall clock of the optimizer steps), the
-   worker's peak GPU memory (training and evaluation together), and the eval DPO loss,
-   reward accuracy and margin before and after (random data: the figures show the
-   mechanics, the policy moving away from the reference, not a quality claim).
+   reference being the same base with the adapter disabled, beta 0.1, lr 5e-4 constant,
+   activation checkpointing on every layer. Preference records of random words: prompt,
+   chosen and rejected answers of log-normal lengths. Reported: tokens/s of the run
+   summary (`train.tokens_per_s`: the tokens of the chosen and rejected sequences, prompt
+   included in both, over the optimizer steps' time as the worker measured it), the GPU
+   memory peaks the worker reports (through `run_training`'s `on_metrics`: `peak_gib` the
+   whole worker, `train_peak_gib` without and `eval_peak_gib` of the eval passes), and
+   the eval DPO loss, reward accuracy and margin before and after (random data: the
+   figures show the mechanics, the policy moving away from the reference, not a quality
+   claim). The peak reserved by CUDA's caching allocator (`reserved_gib` in the results of
+   2026-11-23) is not reported by the workers and no longer measured.
 3. `ray_app.export.merge.merge_adapter` on the run's adapter: the base dequantized to
    bf16, merged, written as safetensors shards, reloaded and compared with base + adapter.
+
+`--method sft`, `--quantization none`, `--liger off`, `--attn eager` vary the run;
+`--detect-anomaly` turns on autograd's anomaly mode in every Ray worker process (Ray's
+`worker_process_setup_hook`), which names the forward op whose backward first gives NaN;
+`--cpu-smoke` runs the same code with the quickstart's tiny random model on a CPU worker
+(it checks the script and measures nothing).
 
     python bench/gpu_dpo_merge.py --out $OUT/dpo
 """
@@ -34,9 +46,9 @@ from gpu_throughput import (
     LORA_TARGETS,
     SHAPES,
     TOKENIZER,
-    _peak_wrapper,
     build_model,
     random_words,
+    worker_peaks,
 )
 
 
@@ -54,6 +66,14 @@ def write_pairs(path: Path, n: int, seed: int, sft: bool = False) -> None:
             f.write(json.dumps(pair) + "\n")
 
 
+def _detect_anomaly() -> None:
+    """Ray's `worker_process_setup_hook` for `--detect-anomaly`: autograd's anomaly mode
+    (a process-wide switch) in every worker process."""
+    import torch
+
+    torch.autograd.set_detect_anomaly(True)
+
+
 def dpo_run(model_dir: str, work: Path, steps: int, batch: int, seq: int,
             gpu: bool = True, liger: str = "auto", detect_anomaly: bool = False,
             attn: str = "sdpa", method: str = "dpo", quantization: str = "nf4") -> dict:
@@ -61,15 +81,17 @@ def dpo_run(model_dir: str, work: Path, steps: int, batch: int, seq: int,
     from rich.console import Console
 
     import ray_app.ray_session  # noqa: F401 - Ray Train environment defaults
-    import ray_app.train.run as run_mod
     from ray_app.config import validate_config
+    from ray_app.train.run import run_training
 
     run_dir = work / f"run-{time.strftime('%H%M%S')}"  # each invocation its own run
     train, evals = work / "pairs.jsonl", work / "eval_pairs.jsonl"
     sft = method == "sft"
     write_pairs(train, int(steps * batch * 1.3), seed=0, sft=sft)
     write_pairs(evals, 16, seed=1, sft=sft)
-    ray.init(include_dashboard=False, log_to_driver=detect_anomaly)
+    ray.init(include_dashboard=False, log_to_driver=detect_anomaly,
+             runtime_env={"worker_process_setup_hook": _detect_anomaly} if detect_anomaly
+             else None)
     cfg = validate_config({
         "model": {"name_or_path": model_dir, "tokenizer": str(TOKENIZER), "dtype": "bfloat16",
                   "quantization": quantization, "liger": liger, "attn_implementation": attn},
@@ -85,32 +107,15 @@ def dpo_run(model_dir: str, work: Path, steps: int, batch: int, seq: int,
         "run": {"name": "dpo8b", "storage_path": str(run_dir / "storage"),
                 "output_dir": str(run_dir / "out"), "max_failures": 0},
     }, source="bench dpo")
-    peak_file = work / "peak_dpo.json"
-    original = run_mod.train_loop_per_worker
-    loop = _peak_wrapper(str(peak_file))
-    if detect_anomaly:  # names the forward op whose backward first gives NaN
-        def loop_with_anomaly(loop_config, loop=loop):
-            import torch
-
-            torch.autograd.set_detect_anomaly(True)
-            loop(loop_config)
-
-        run_mod.train_loop_per_worker = loop_with_anomaly
-    else:
-        run_mod.train_loop_per_worker = loop
+    reports: list[dict] = []
     started = time.perf_counter()
-    try:
-        summary = run_mod.run_training(cfg, Console(file=sys.stderr, width=120))
-    finally:
-        run_mod.train_loop_per_worker = original
-    peak = json.loads(peak_file.read_text()) if peak_file.exists() else {}
+    summary = run_training(cfg, Console(file=sys.stderr, width=120), on_metrics=reports.append)
     if summary["status"] != "succeeded":
-        raise RuntimeError(f"DPO run failed: {summary.get('error')} / {peak.get('error')}")
+        raise RuntimeError(f"{method} run failed: {summary.get('error')}")
     return {"steps": steps, "batch_pairs": batch, "max_seq_len": seq, "run_wall_s":
             round(time.perf_counter() - started, 1), "tokens_per_s": summary["train"]["tokens_per_s"],
-            "peak_gib": peak.get("peak_gib"), "reserved_gib": peak.get("reserved_gib"),
-            "eval": summary["eval"], "adapter": summary["adapter_path"],
-            "train_pairs": summary["data"]["train_sequences"]}
+            **worker_peaks(reports), "eval": summary["eval"],
+            "adapter": summary["adapter_path"], "train_pairs": summary["data"]["train_sequences"]}
 
 
 def merge_run(adapter: str, base: str, out: Path, dtype: str = "bfloat16") -> dict:

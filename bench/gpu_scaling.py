@@ -1,26 +1,33 @@
 """Multi-GPU scaling through `ray-app train`: FSDP2 LoRA / QLoRA on 1..N GPUs of one node.
 
 For each GPU count, one run of `ray_app.train.run.run_training` (Ray Data + Ray Train, as
-`ray-app train` runs it) with `scaling.strategy=fsdp`, one worker per GPU, Liger on, no
-activation checkpointing for LoRA (all layers for QLoRA), pre-tokenized random-word
-records longer than `--seq` (every sequence full), random-init weights written straight
-to safetensors shards (no GPU needed to make them, so the 70B shape needs no GPU that
-holds it whole). Reported per run: total and per-GPU tokens/s (real tokens between
-progress reports after warm-up), MFU per GPU against a bf16 matmul timed in the same
-run (formula in bench/gpu_throughput.py), the workers' peak GPU memory, and the scaling
-efficiency tokens/s(N) / (N x tokens/s(1)) against the 1-GPU run of the same invocation.
+`ray-app train` runs it; `gpu_throughput.ray_app_run`) with `scaling.strategy=fsdp` (or
+`--strategy`), one worker per GPU, Liger on, no activation checkpointing for LoRA (all
+layers for QLoRA), a report every step, pre-tokenized random-word records longer than
+`--seq` (every sequence full), random-init weights written straight to safetensors shards
+(no GPU needed to make them, so the 70B shape needs no GPU that holds it whole).
+Reported per run: total and per-GPU tokens/s (real tokens between the reports of rank 0
+after `--warmup` steps, collected through `run_training`'s `on_metrics`, over the time
+between them), MFU per GPU against a bf16 matmul timed in the same run (flops per token
+from `ray_app.train.flops.flops_per_token`, as in bench/gpu_throughput.py), the peak GPU
+memory that rank 0's worker reports (`peak_gib`, evaluation included; there is no eval
+data here), and the scaling efficiency tokens/s(N) / (N x tokens/s(1)) against the 1-GPU
+run of the same model and method.
 
 `--kill-worker-after-s T` is the elastic check: T seconds after the workers start, one
 worker process gets SIGKILL; the run restarts from its last checkpoint by itself
 (run.max_failures=1) and the row records the restart, the step it resumed from and the
-steps lost.
+steps lost (`run_training`'s summary: `train.restart_history`).
 
     python bench/gpu_scaling.py --model 8b --gpus 1,2,4,8                 # 8B LoRA scaling
     python bench/gpu_scaling.py --model 70b --gpus 8 --method lora,qlora --batch 2
     python bench/gpu_scaling.py --model 8b --gpus 8 --steps 60 --kill-worker-after-s 120
     python bench/gpu_scaling.py --cpu-smoke    # the same code on CPU: tiny shape, gloo
 
-Every finished run is appended to <out>/gpu_scaling.json; gpu_scaling.md is rebuilt from it.
+`--cpu-smoke` runs 1 and 2 CPU workers (of the counts asked for) on a tiny shape with
+sequences of 64 tokens and batch 2, at most 12 steps: it checks the script, its figures
+mean nothing. Every finished run is appended to <out>/gpu_scaling.json
+(gpu_scaling_smoke.json for the smoke run); the .md beside it is rebuilt from it.
 """
 
 from __future__ import annotations
@@ -40,12 +47,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_throughput import (
-    LORA_R,
     SHAPES,
     TOKENIZER,
-    flops_per_token,
+    llama_config,
     matmul_tflops,
     ray_app_run,
+    shape_flops_per_token,
     write_fixed_jsonl,
 )
 
@@ -67,17 +74,16 @@ def write_random_checkpoint(key: str, folder: Path, shard_gib: float = 4.0) -> P
     first token gives RMSNorm a zero input and NaN gradients)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from ray_app.data.tokenize import load_tokenizer
 
     if (folder / "config.json").exists():
         return folder
     tokenizer = load_tokenizer(str(TOKENIZER))
-    shape = {k: v for k, v in SCALING_SHAPES[key].items() if k != "name"}
-    config = LlamaConfig(**shape, max_position_embeddings=131072, rope_theta=500000.0,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = llama_config(SCALING_SHAPES[key], bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
     with torch.device("meta"):
         names = [(n, t.shape) for n, t in AutoModelForCausalLM.from_config(config)
                  .state_dict().items()]
@@ -170,7 +176,7 @@ def run_one(args, key: str, model_dir: Path, data_file: Path, work: Path, gpus: 
     finally:
         if killer:
             killer.stop.set()
-    fpt = flops_per_token(shape, args.seq, LORA_R)
+    fpt = shape_flops_per_token(shape, args.seq)
     row = {
         "model": shape["name"], "variant": "ray_app", "method": method,
         "strategy": args.strategy, "gpus": gpus, "batch": args.batch, "seq_len": args.seq,

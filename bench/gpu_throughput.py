@@ -1,27 +1,49 @@
 """GPU training throughput: a common HF + PEFT recipe against ray_app's own trainer.
 
-One invocation, one GPU, in this order for every model shape asked for:
+One invocation, one GPU. First the bf16 matmul rate (8192^3 products, median of 50 after
+10 warm-up products): `matmul_tflops`, the MFU denominator. Then, for every model shape
+(`--models`: random-init Llama-3.2-1B and Llama-3.1-8B shapes in bf16, no weights
+downloaded) and every data kind (`--data`):
 
-1. bf16 matmul rate (8192^3 products, median of many) -> `matmul_tflops`, the MFU denominator.
-2. common recipe, in this process: random-init Llama in bf16, PEFT LoRA r=16 alpha=32 on
-   q,k,v,o, gradient checkpointing, AdamW, autocast bf16, random token ids; warm-up steps,
-   then timed steps between `torch.cuda.synchronize()` calls; peak from
-   `torch.cuda.max_memory_allocated`.
-3. ray_app: the same random weights saved with `save_pretrained` and a JSONL file of
-   `{"text"}` records, trained by `ray_app.train.run.run_training` through Ray Data and Ray
-   Train on one GPU worker. Throughput is wall-clock: real (non-pad) tokens between the
-   rank-0 progress reports after warm-up (the loop's `tokens_seen`, summed from each
-   batch's `num_real_tokens`), divided by the time between those reports (data loading,
-   reporting and everything else in the loop included). The worker's
-   `torch.cuda.max_memory_allocated` is read by wrapping the per-worker loop function.
-   The variants get a small eval file (8 records, evaluated before the first step and
-   after the last, outside the timed window); `noeval` leaves it out. Evaluation computes
-   full logits (Liger's fused linear cross-entropy is for training only), so its peak is
-   kept apart: `train_peak_gib` leaves the eval passes out, `peak_gib` is the whole worker.
+1. Common recipe, in this process: PEFT LoRA r=16 alpha=32 dropout 0.05 on q,k,v,o,
+   gradient checkpointing, AdamW, autocast bf16, clipping at 1.0; 3 warm-up steps, then
+   15 (1B) or 10 (8B) steps timed between `torch.cuda.synchronize()` calls; peak from
+   `torch.cuda.max_memory_allocated` (model included). `--common-qlora` repeats it on a
+   4-bit NF4 base (double quantization; 2 warm-up and 8 timed steps).
+2. Plain loop (`--plain-variants`, fixed data only): ray_app's model stack without Ray.
+   The package's `load_base`, `apply_speedups`, `add_lora` and `make_optimizer`; each step
+   is `ray_app.train.steps.optimizer_step` with the SFT method and its training collate on
+   random ids, through `LocalEngine` (ray_app's DDP engine for one process: its backward,
+   clipping, optimizer and scheduler step). 5 warm-up and 15 timed steps between CUDA
+   synchronisations, no Ray Train, Ray Data, reports or checkpoints: the baseline that the
+   Ray overhead of a ray_app run with the same settings and batch is measured against.
+3. ray_app (`--ray-variants`): the same random weights saved with `save_pretrained` and a
+   JSONL file of `{"text"}` records, trained by `ray_app.train.run.run_training` (Ray Data
+   and Ray Train, one GPU worker, SFT, constant learning rate) for `--ray-steps` (1B) or
+   30 (8B) steps with a report every 5 steps. Every report of rank 0 is collected through
+   `run_training(..., on_metrics=...)`. Throughput is wall clock: the real (non-pad)
+   tokens trained between the report of step 10 and the last report before the final
+   step (the loop's `tokens_seen`), over the time between those reports as the driver's
+   progress hub received them (their `time`), so data loading, reporting and everything
+   else the loop does is counted. The final step's report, which also evaluates and
+   writes the final checkpoint, is left out. Each run gets an 8-record eval file,
+   evaluated before the first step and with the final checkpoint (outside the timed
+   window); `noeval` leaves it out. A run that runs out of GPU memory is repeated at half
+   the batch.
+
+Memory: the common recipe and the plain loop read `torch.cuda.max_memory_allocated` of
+this process. ray_app rows take the peaks that the worker reports itself
+(`ray_app.train.reporting.Reporter.memory`, the maximum over the run's reports of rank 0):
+`peak_gib` the whole worker (loading included), `train_peak_gib` without the eval passes
+(the worker resets CUDA's peak counters around every eval pass) and `eval_peak_gib` the
+eval passes alone. Evaluation uses Liger's fused loss when Liger is on (`fused_eval` in
+the row), so it computes no full logits then. The peak reserved by CUDA's caching
+allocator (`reserved_gib` in rows before 2026-12-04) is not reported by the workers and
+is no longer measured.
 
 Data (`--data`, one or both):
-- fixed: every sequence is exactly `--seq` tokens. Common recipe: random ids [batch, seq];
-  ray_app: records all longer than `data.max_seq_len`, truncated to it.
+- fixed: every sequence is exactly `--seq` tokens. Common recipe and plain loop: random
+  ids [batch, seq]; ray_app: records all longer than `data.max_seq_len`, truncated to it.
 - variable: record lengths drawn from a seeded log-normal (median `--len-median`, sigma
   `--len-sigma`), capped at `--seq`, at least 16. Common recipe: every record padded to
   `--seq` (`padding="max_length"`, as the popular guides do), attention mask on the real
@@ -29,14 +51,16 @@ Data (`--data`, one or both):
   (random-word text cut to the token count, EOS included, with the bundled tokenizer),
   packed by `data.packing` into `--seq`-token sequences. Both count real tokens only.
 
-MFU counts useful work only, per token:
-    4 * N_matmul                      frozen base linears incl. lm_head: forward 2N + input-grad 2N
-  + 3 * (2 * layers * seq * hidden)   causal attention scores and values, forward + backward
-  + 3 * (2 * N_lora)                  LoRA forward + input-grad + weight-grad
-  MFU = tokens_per_s * flops_per_token / (matmul_tflops * 1e12)
-Recomputation (activation checkpointing) is not counted. On variable data a token attends
-within its own record only, so `seq` is the token-weighted record length sum(L^2) / sum(L);
-attention over pad or across packed records is not useful work.
+MFU = tokens_per_s * flops_per_token / (matmul_tflops * 1e12). `flops_per_token` is
+`ray_app.train.flops.flops_per_token`, the function the workers compute their own MFU
+with (useful work only: frozen base, attention and LoRA; recomputation not counted), of
+the shape with the bench's LoRA adapter built on the meta device (no weights), the same
+for every row of a shape. Its sequence length is the attention length: `--seq` on fixed
+data; on variable data a token attends within its own record only, so it is the
+token-weighted record length sum(L^2) / sum(L) of the run's records (`attn_len`), as
+attention over pad or across packed records is not useful work. The worker's own MFU
+(against the datasheet peak of `ray_app.train.flops.peak_tflops`, over
+`data.max_seq_len`, from the loop's step times) is kept as `worker_mfu`.
 
 Run on a GPU machine (Ray, Liger and bitsandbytes importable):
     python bench/gpu_throughput.py --models 1b --out bench/results
@@ -83,13 +107,43 @@ LEN_MIN = 16  # shortest variable-data record: a few tokens of text still train 
 # --------------------------------------------------------------------------- flops
 
 
-def flops_per_token(shape: dict[str, Any], seq: int, r: int = LORA_R) -> float:
-    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o; k, v; gate, up, down
-    n_matmul = layers * per_layer + shape["vocab_size"] * h  # + lm_head
-    n_lora = layers * r * ((h + h) * 2 + (h + kv) * 2)  # A and B of q, o, k, v
-    return 4 * n_matmul + 3 * (2 * layers * seq * h) + 3 * (2 * n_lora)
+def llama_config(shape: dict[str, Any], **special_ids):
+    """The LlamaConfig of a shape from SHAPES (Llama-3 rope and context length)."""
+    from transformers import LlamaConfig
+
+    fields = {k: v for k, v in shape.items() if k != "name"}
+    return LlamaConfig(**fields, max_position_embeddings=131072, rope_theta=500000.0,
+                       **{"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+                          **special_ids})
+
+
+def lora_section():
+    """The bench's adapter, as ray_app's config states it."""
+    from ray_app.config import LoraSection
+
+    return LoraSection(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT,
+                       target_modules=LORA_TARGETS)
+
+
+_META_MODELS: dict[str, Any] = {}
+
+
+def shape_flops_per_token(shape: dict[str, Any], seq_len: int) -> float:
+    """`ray_app.train.flops.flops_per_token` of `shape` with the bench's LoRA adapter, built
+    on the meta device (no weights, no memory) and kept per shape. `seq_len` is the
+    attention length: the sequence length, or on variable data the token-weighted record
+    length (see the module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ray_app.model.loading import add_lora
+    from ray_app.train.flops import flops_per_token
+
+    if shape["name"] not in _META_MODELS:
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(llama_config(shape))
+        _META_MODELS[shape["name"]] = add_lora(base, lora_section())
+    return flops_per_token(_META_MODELS[shape["name"]], seq_len)
 
 
 def matmul_tflops(n: int = 8192, reps: int = 50) -> float:
@@ -157,16 +211,14 @@ def padded_batch(lengths: list[int], seq: int, vocab: int, pad_id: int, generato
 
 
 def build_model(key: str, **special_ids):
+    """A random-init model of shape `key` in bf16 on the GPU (seed 0)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    shape = {k: v for k, v in SHAPES[key].items() if k != "name"}
-    config = LlamaConfig(**shape, max_position_embeddings=131072, rope_theta=500000.0,
-                         **{"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
-                            **special_ids})
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+        return AutoModelForCausalLM.from_config(llama_config(SHAPES[key], **special_ids),
+                                                dtype=torch.bfloat16,
                                                 attn_implementation="sdpa")
 
 
@@ -304,52 +356,6 @@ def write_variable_jsonl(path: Path, lengths: list[int], seed: int = 0) -> list[
     return got
 
 
-def _peak_wrapper(peak_file: str):
-    def loop_with_peak(loop_config):
-        import torch
-
-        import ray_app.train.loop as loop_mod
-
-        gpu = torch.cuda.is_available()
-        peaks = {"train": 0, "eval": 0, "reserved": 0}
-
-        def take(into: str) -> None:
-            peaks[into] = max(peaks[into], torch.cuda.max_memory_allocated())
-            peaks["reserved"] = max(peaks["reserved"], torch.cuda.max_memory_reserved())
-            torch.cuda.reset_peak_memory_stats()
-
-        eval_loss = loop_mod._eval_loss
-
-        def eval_apart(*args, **kwargs):
-            # Eval materialises full logits: its peak would hide the training peak.
-            take("train")
-            try:
-                return eval_loss(*args, **kwargs)
-            finally:
-                take("eval")
-
-        if gpu:
-            torch.cuda.reset_peak_memory_stats()
-            loop_mod._eval_loss = eval_apart
-        error = None
-        try:
-            loop_mod.train_loop_per_worker(loop_config)
-        except BaseException as err:
-            error = f"{type(err).__name__}: {str(err)[:1000]}"
-            raise
-        finally:
-            loop_mod._eval_loss = eval_loss
-            if gpu:
-                take("train")
-                Path(peak_file).write_text(json.dumps({
-                    "peak_gib": max(peaks["train"], peaks["eval"]) / 2**30,
-                    "train_peak_gib": peaks["train"] / 2**30,
-                    "eval_peak_gib": peaks["eval"] / 2**30,
-                    "reserved_gib": peaks["reserved"] / 2**30, "error": error}))
-
-    return loop_with_peak
-
-
 def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | None,
                  work: Path, *, batch: int, seq: int, steps: int, log_every: int,
                  compile_: bool, liger: str, quantization: str, checkpointing: str | int,
@@ -384,13 +390,18 @@ def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | N
 def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile_: bool,
                     liger: str, quantization: str, checkpointing: str | int,
                     optimizer: str = "auto", attn: str = "sdpa"):
-    """One training step of ray_app's own model stack (load_base, apply_speedups, add_lora,
-    its optimizer, the loss over the tokens and gradient clipping of its loop) on random
-    ids, without Ray Train, Ray Data, progress reports or checkpoints."""
+    """A function that runs one training step of ray_app's own model stack on random ids
+    and returns its `StepResult`, without Ray Train, Ray Data, progress reports or
+    checkpoints: the package's `load_base`, `apply_speedups`, `add_lora` and
+    `make_optimizer`, and its step (`optimizer_step` with the SFT method and its training
+    collate, so the loss is the loop's) through `LocalEngine`."""
     import torch
+    from local_engine import LocalEngine
 
+    from ray_app.data.collate import REAL_TOKENS
     from ray_app.model.loading import add_lora, apply_speedups, load_base
-    from ray_app.train.engines import make_optimizer
+    from ray_app.train.methods.sft import SFT
+    from ray_app.train.steps import MicroBatch, optimizer_step
 
     cfg = bench_config("plain", model_dir, work / "unused.jsonl", None, work, batch=batch,
                        seq=seq, steps=1, log_every=1, compile_=compile_, liger=liger,
@@ -401,23 +412,25 @@ def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile
     if quantization != "nf4":  # the 4-bit base is loaded onto the device already
         base = base.to(device)
     base = apply_speedups(base, cfg.model, cfg.train.activation_checkpointing, True)
-    model = add_lora(base, cfg.lora).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
-    vocab = model.config.vocab_size
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    positions = torch.arange(seq, device=device).expand(batch, seq)
+    engine = LocalEngine(add_lora(base, cfg.lora), cfg, device)
+    engine.model.train()  # from_pretrained returns eval mode, as in the loop's set-up
+    method = SFT(cfg)
+    # Every row is a full --seq tokens, so the pad id is never used.
+    collate, _ = method.collates(base.config.pad_token_id, attn == "flash_attention_2")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    vocab = base.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
 
-    def step() -> None:
-        ids = torch.randint(3, vocab, (batch, seq), device=device, generator=gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, position_ids=positions,
-                         num_items_in_batch=batch * (seq - 1)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss)  # the loop reads the loss every step
+    def step():
+        # Rows as a packed text record gives them (labels = ids), weighed on the host and
+        # copied to the device as the loop does.
+        rows = list(torch.randint(3, vocab, (batch, seq), generator=gen).numpy())
+        inputs = collate({"input_ids": rows, "labels": rows})
+        real = int(inputs.pop(REAL_TOKENS))
+        units = method.units(inputs)
+        micro = MicroBatch({k: v.to(device, non_blocking=True) for k, v in inputs.items()},
+                           units, real)
+        return optimizer_step(engine, method, [micro], autocast)
 
     return step
 
@@ -438,10 +451,20 @@ def plain_loop_run(model_dir: str, work: Path, *, batch: int, seq: int, warmup: 
         step()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    out = {"tokens_per_s": batch * seq * steps / seconds, "timed_steps": steps,
-           "seconds": seconds, "step_s": seconds / steps,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    return out
+    return {"tokens_per_s": batch * seq * steps / seconds, "timed_steps": steps,
+            "seconds": seconds, "step_s": seconds / steps,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+PEAK_KEYS = ("peak_gib", "train_peak_gib", "eval_peak_gib")
+
+
+def worker_peaks(reports: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The largest of each GPU memory peak in the reports of rank 0 (see
+    `ray_app.train.reporting.Reporter.memory`); None where none was reported (not on
+    CUDA). The maximum over all reports, so a restarted worker's peaks count as well."""
+    return {key: max((m[key] for m in reports if m.get(key) is not None), default=None)
+            for key in PEAK_KEYS}
 
 
 def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | None,
@@ -452,12 +475,15 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                 use_gpu: bool = True, num_workers: int = 1, strategy: str = "ddp",
                 worker_cpus: float | None = None, checkpoint_every: int = 10_000,
                 max_failures: int = 0) -> dict[str, Any]:
+    """One `run_training` of the bench's config; its reports, collected through
+    `on_metrics`, give the wall-clock tokens/s between the reports of steps `warmup_steps`
+    and the last before the final step, and the worker's memory peaks."""
     import ray
     import ray.data
     from rich.console import Console
 
     import ray_app.ray_session  # noqa: F401 - sets Ray Train's environment defaults
-    import ray_app.train.run as run_mod
+    from ray_app.train.run import run_training
 
     if not ray.is_initialized():
         for logger in ("ray", "ray.data", "ray.train", "ray.tune"):
@@ -470,33 +496,18 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                        optimizer=optimizer, attn=attn, use_gpu=use_gpu, num_workers=num_workers,
                        strategy=strategy, worker_cpus=worker_cpus,
                        checkpoint_every=checkpoint_every, max_failures=max_failures)
-    peak_file = work / f"peak_{name}.json"
-    captured: dict[str, Any] = {}
-
-    class RecordingDisplay(run_mod.ProgressDisplay):
-        def __exit__(self, *exc):
-            super().__exit__(*exc)
-            captured["history"] = ray.get(self.hub.since.remote(0), timeout=30)
-
-    original_display, original_loop = run_mod.ProgressDisplay, run_mod.train_loop_per_worker
-    run_mod.ProgressDisplay = RecordingDisplay
-    run_mod.train_loop_per_worker = _peak_wrapper(str(peak_file))
+    reports: list[dict[str, Any]] = []
     started = time.perf_counter()
-    try:
-        summary = run_mod.run_training(cfg, Console(file=sys.stderr, width=120))
-    finally:
-        run_mod.ProgressDisplay, run_mod.train_loop_per_worker = original_display, original_loop
+    summary = run_training(cfg, Console(file=sys.stderr, width=120), on_metrics=reports.append)
     wall = time.perf_counter() - started
-    peak = json.loads(peak_file.read_text()) if peak_file.exists() else {}
     if summary.get("status") != "succeeded":
-        raise RuntimeError(f"ray_app run {name} failed: worker error {peak.get('error')!r}; "
-                           f"run summary error {summary.get('error')!r}")
-    reports = [m for m in captured.get("history", []) if m.get("tokens_per_s") is not None]
-    # The report of the last step also holds the final checkpoint: leave it out.
-    window = [m for m in reports if warmup_steps <= m["step"] < steps]
+        raise RuntimeError(f"ray_app run {name} failed: {summary.get('error')!r}")
+    step_reports = [m for m in reports if m.get("tokens_per_s") is not None]
+    # The report of the last step also evaluates and writes the final checkpoint: left out.
+    window = [m for m in step_reports if warmup_steps <= m["step"] < steps]
     if len(window) < 2:
         raise RuntimeError(f"ray_app run {name}: too few progress reports after warm-up "
-                           f"({[m['step'] for m in reports]})")
+                           f"({[m['step'] for m in step_reports]})")
     first, last = window[0], window[-1]
     tokens = last["tokens_seen"] - first["tokens_seen"]
     seconds = last["time"] - first["time"]
@@ -505,9 +516,8 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
         "tokens_per_s": tokens / seconds,
         "tokens_per_s_loop": sum(m["tokens_per_s"] for m in window[1:]) / len(window[1:]),
         "tokens_per_step": tokens / steps_timed,
-        "timed_steps": steps_timed, "seconds": seconds,
-        "peak_gib": peak.get("peak_gib"), "train_peak_gib": peak.get("train_peak_gib"),
-        "eval_peak_gib": peak.get("eval_peak_gib"), "reserved_gib": peak.get("reserved_gib"),
+        "timed_steps": steps_timed, "seconds": seconds, **worker_peaks(reports),
+        "worker_mfu": last.get("mfu"),
         "run_wall_s": wall, "summary_tokens_per_s": summary["train"]["tokens_per_s"],
         "data_sequences": summary["data"].get("train_sequences")
         or summary["data"].get("train_records"),
@@ -575,17 +585,20 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
         "",
         ("Tokens/s are real (non-pad) training tokens per second after warm-up, one GPU, "
          "sequence length 2048, LoRA r=16 alpha=32 on q,k,v,o, bf16. MFU = tokens/s x useful "
-         "flops per token / measured bf16 matmul rate (see `bench/gpu_throughput.py`; "
-         "recomputation not counted), with the matmul rate measured in the same run. "
-         "'x common' is tokens/s over that of the common recipe with the same model, data "
-         "and method. Peak is `torch.cuda.max_memory_allocated` of the training process; "
-         "'train peak' leaves out ray_app's eval passes (not measured in older rows), "
-         "which computed full logits until evaluation also used Liger's fused loss "
-         "(rows marked 'fused-loss eval'). ray_app runs get an 8-record eval file; 'no eval data' "
-         "is the same run without it, where the trainer then stayed in eval mode (no "
-         "dropout, no activation checkpointing, Liger's fused linear cross-entropy fell back "
-         "to full logits). That row documents the defect; the loop now switches to train "
-         "mode before the first step, whether or not there is eval data."),
+         "flops per token (`ray_app.train.flops.flops_per_token` of the shape with its "
+         "adapter; recomputation not counted) / the bf16 matmul rate measured in the same "
+         "run (see `bench/gpu_throughput.py`). 'x common' is tokens/s over that of the common "
+         "recipe with the same model, data and method. Peak is "
+         "`torch.cuda.max_memory_allocated`: of the bench process for the common recipe and "
+         "the plain loop, of the training worker for ray_app (as the worker reports it); "
+         "'train peak' leaves out ray_app's eval passes (not measured in older rows). Eval "
+         "passes computed full logits until evaluation used Liger's fused loss whenever "
+         "Liger is on (rows marked 'fused-loss eval', or `fused_eval` in the JSON). ray_app "
+         "runs get an 8-record eval file; 'no eval data' is the same run without it, where "
+         "the trainer then stayed in eval mode (no dropout, no activation checkpointing, "
+         "Liger's fused linear cross-entropy fell back to full logits). That row documents "
+         "the defect; the loop now switches to train mode before the first step, whether or "
+         "not there is eval data."),
     ]
     variable = sorted({(r["len_median"], r["len_sigma"], r["len_cap"])
                        for r in rows if r.get("data") == "variable"})
@@ -791,8 +804,8 @@ def main() -> int:
                 row = {**base, **{k: v for k, v in m.items() if k in ("mean_real_len",
                                                                         "attn_len")}}
                 # Useful attention work follows the record length, not the padded or packed one.
-                fpt = flops_per_token(shape, row.get("attn_len", args.seq))
-                results.add({**row, "flops_per_token": fpt, "variant": variant,
+                fpt = shape_flops_per_token(shape, round(row.get("attn_len", args.seq)))
+                results.add({**row, "flops_per_token": round(fpt), "variant": variant,
                              "method": method, "strategy": strategy, "batch": batch,
                              "settings": settings, "tokens_per_s": round(m["tokens_per_s"], 1),
                              "mfu": round(m["tokens_per_s"] * fpt / (tflops * 1e12), 4),
@@ -876,6 +889,8 @@ def main() -> int:
                             attn=v["attn"])
                         if kind == "variable":
                             m["seq_fill"] = m["tokens_per_step"] / (batch * args.seq)
+                        # SFT evaluation skips full logits when Liger's fused loss is on.
+                        m["fused_eval"] = v["liger"] == "on"
                         add("ray_app", "qlora" if v["qlora"] else "lora", "ddp", batch,
                             settings_text(v), m)
                     except Exception as err:  # noqa: BLE001

@@ -1,11 +1,17 @@
 """Where one training step of the 8B shape spends its GPU time (torch.profiler).
 
-Profiles the plain loop of ray_app's model stack (bench/gpu_throughput.py `plain_loop_run`
-settings: LoRA r=16 on q,k,v,o, Liger, per-layer compile, no activation checkpointing) and the
-common recipe (gradient checkpointing, no Liger), and groups CUDA kernel time by kind:
-matmul (cuBLAS/CUTLASS), attention (SDPA flash/efficient kernels), Triton (Liger and
-torch.compile's fused kernels), optimizer, other (elementwise, copies, reductions). 'idle' is
-the step's wall time not covered by any kernel (launch gaps, host work).
+Profiles 3 training steps, after 3 or 4 warm-up steps, of each of:
+- the common recipe at batch 4 (PEFT LoRA r=16 on q,k,v,o, gradient checkpointing, no
+  Liger, autocast bf16, AdamW);
+- ray_app's model stack at `--batch` (default 8) without Ray: `gpu_throughput.plain_loop_step`
+  with Liger, per-layer compile and no activation checkpointing, i.e. the package's
+  `load_base`, `apply_speedups`, `add_lora` and `make_optimizer`, and its step
+  (`ray_app.train.steps.optimizer_step` with the SFT method) through the bench's
+  `LocalEngine`, so the profiled step is the training loop's own.
+CUDA kernel time is grouped by kind: matmul (cuBLAS/CUTLASS), attention (SDPA
+flash/efficient kernels), Triton (Liger and torch.compile's fused kernels), optimizer,
+other (elementwise, copies, reductions). 'idle' is the step's wall time not covered by any
+kernel (launch gaps, host work).
 
     python bench/probes/profile_8b_step.py --out bench/results/profile_8b_step.json
 """
@@ -96,9 +102,9 @@ def common_recipe_stack(batch: int, seq: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--batch", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="results JSON file")
+    parser.add_argument("--batch", type=int, default=8, help="ray_app stack's batch")
     parser.add_argument("--seq", type=int, default=2048)
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(0), "seq": args.seq,
