@@ -47,7 +47,8 @@ def plan_of(row: dict) -> Plan:
         seq_len=row["seq_len"], lora_r=LORA_R, lora_targets=tuple(LORA_TARGETS),
         lora_dropout=LORA_DROPOUT, liger="liger on" in settings, checkpointing=ckpt,
         optimizer=optimizer, packed_mask=row["data"] == "variable",
-        fused_eval="fused-loss eval" in settings,
+        # Newer rows say so in `fused_eval`; older ones in their settings text.
+        fused_eval=row.get("fused_eval", "fused-loss eval" in settings),
     )
 
 
