@@ -6,3 +6,14 @@ class UserError(Exception):
 
     The message must say what is wrong, the value seen, and what to do instead.
     """
+
+
+class MissingPackage(UserError):
+    """An optional package that a command or setting needs is not installed.
+
+    The message gives the exact `pip install 'ray-app[extra]'` line (see ray_app.extras)."""
+
+    def __init__(self, message: str, module: str, extra: str):
+        super().__init__(message)
+        self.module = module
+        self.extra = extra

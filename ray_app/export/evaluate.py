@@ -28,18 +28,24 @@ from ray_app.errors import UserError
 from ray_app.export.adapter import Adapter, check_fits, load_base_config, read_adapter
 from ray_app.export.metrics import generation_scores, rouge_l
 from ray_app.export.scoring import SIDES, ScoreRecords
+from ray_app.extras import check_installed, check_packages
+from ray_app.model.prepare import check_tokenizer, materialise_builtin
 
 RESULTS_FILE = "eval_results.json"
 GENERATIONS_FILE = "generations.jsonl"
+NO_EVAL_RECORDS = ("There are no eval records to evaluate on: set data.eval (eval shards) or "
+                   "data.eval_fraction > 0.")
 
 
 def prepare_eval(cfg: Config, adapter_dir: str) -> tuple[Config, Adapter]:
     """Checks the adapter against the config's base before Ray starts; returns the config
     with the built-in base written to `<output>/base_model` (as training does)."""
-    from ray_app.train.run import check_packages, check_tokenizer, materialise_builtin
-
+    if not cfg.data.has_eval_source():
+        raise UserError(NO_EVAL_RECORDS)
     adapter = read_adapter(adapter_dir)
     check_packages(cfg)
+    check_installed("rouge_score", "ray-app eval (ROUGE-L)")
+    check_installed("sacrebleu", "ray-app eval (BLEU)")
     tokenizer = check_tokenizer(cfg)
     if cfg.model.name_or_path == BUILTIN_TINY_LLAMA:
         cfg = materialise_builtin(cfg, tokenizer, cfg.output_path())
@@ -57,9 +63,8 @@ def run_eval(cfg: Config, adapter: Adapter, console: Console) -> dict[str, Any]:
     output = cfg.output_path()
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
         data = prepare(cfg, cfg.storage_uri(), output / "rejects")
-    if data.report.eval_records == 0:
-        raise UserError("There are no eval records to evaluate on: set data.eval (eval shards) "
-                        "or data.eval_fraction > 0.")
+    if data.report.eval_records == 0:  # the split can come out empty on little data
+        raise UserError(NO_EVAL_RECORDS)
     records = data.split("eval")
     if cfg.eval.max_records:
         records = records.limit(cfg.eval.max_records)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import math
 
+from ray_app.extras import require
+
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 (longest common subsequence of words), 0-100.
@@ -22,8 +24,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 @functools.cache
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = require("rouge_score.rouge_scorer", "ray-app eval (ROUGE-L)")
     return rouge_scorer.RougeScorer(["rougeL"])
 
 
@@ -36,8 +37,7 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict[str
     """Mean ROUGE-L F1, corpus BLEU and exact-match rate (all 0-100); None without pairs."""
     if not references:
         return {"rouge_l": None, "bleu": None, "exact_match": None}
-    import sacrebleu
-
+    sacrebleu = require("sacrebleu", "ray-app eval (BLEU)")
     n = len(references)
     return {
         "rouge_l": math.fsum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ray_app.config import BUILTIN_TINY_LLAMA, LoraSection, ModelSection
+from ray_app.extras import installed, require
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -69,13 +70,10 @@ def _keep_standard_4bit_layout(model) -> None:
 def use_liger(model_cfg: ModelSection, model_type: str, use_gpu: bool) -> bool:
     if model_cfg.liger == "off" or (model_cfg.liger == "auto" and not use_gpu):
         return False
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        if model_cfg.liger == "on":
-            raise
+    if model_cfg.liger == "auto" and not installed("liger_kernel"):
         return False
-    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+    patches = require("liger_kernel.transformers.monkey_patch", "model.liger: on")
+    return model_type in patches.MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def apply_speedups(model, model_cfg: ModelSection, activation_checkpointing, use_gpu: bool):

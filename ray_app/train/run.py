@@ -14,11 +14,13 @@ import ray.train
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 
-from ray_app.config import BUILTIN_TINY_LLAMA, Config
+from ray_app.config import Config
 from ray_app.data.pipeline import PreparedData, prepare, tokenizer_path
 from ray_app.data.report import render_report
 from ray_app.data.tokenize import load_tokenizer
 from ray_app.errors import UserError
+from ray_app.extras import check_packages
+from ray_app.model.prepare import check_tokenizer, materialise_builtin
 from ray_app.secrets import redact
 from ray_app.summary import write_summary
 from ray_app.train.faults import injected_faults
@@ -31,49 +33,11 @@ from ray_app.train.plan import plan_steps
 from ray_app.train.preemption import PreemptibleTorchConfig
 from ray_app.train.progress import FailureRecorder, NotRetriedError, ProgressDisplay, start_hub
 from ray_app.train.trace import trace_folder
-from ray_app.train.tracking import Tracker, check_tracking_packages
+from ray_app.train.tracking import Tracker
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 # How often an elastic run checks whether more workers fit (Ray's default is 60 s).
 ELASTIC_RESIZE_CHECK_S = float(os.environ.get("RAY_APP_ELASTIC_RESIZE_CHECK_S", "30"))
-
-
-def check_tokenizer(cfg: Config):
-    """Loads the tokenizer on the driver, so a wrong path fails before any Ray work."""
-    try:
-        return load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"model.tokenizer / model.name_or_path: cannot load a tokenizer from "
-            f"{tokenizer_path(cfg)!r} ({str(err).splitlines()[0]}). Give a hub id or a local "
-            "folder with tokenizer files; set HF_TOKEN for gated models."
-        ) from None
-
-
-def materialise_builtin(cfg: Config, tokenizer, output: Path) -> Config:
-    """Saves the built-in base model so workers load it with `from_pretrained`."""
-    if cfg.model.name_or_path != BUILTIN_TINY_LLAMA:
-        return cfg
-    from ray_app.model.loading import save_builtin_base
-
-    folder = save_builtin_base(tokenizer, str(output / "base_model"), cfg.train.seed)
-    model = cfg.model.model_copy(update={"name_or_path": folder, "tokenizer": folder})
-    return cfg.model_copy(update={"model": model})
-
-
-def check_packages(cfg: Config) -> None:
-    """Names the missing package before any Ray work, instead of a worker traceback."""
-    import importlib.util
-
-    needs = {"deepspeed": cfg.scaling.strategy == "deepspeed",
-             "bitsandbytes": cfg.model.quantization == "nf4"
-             or cfg.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"),
-             "liger_kernel": cfg.model.liger == "on"}
-    for package, needed in needs.items():
-        if needed and importlib.util.find_spec(package) is None:
-            raise UserError(f"This config needs the {package!r} package, which is not installed. "
-                            "Install the GPU extras: pip install -e '.[gpu]' (or scripts/setup.sh --gpu).")
-    check_tracking_packages(cfg)
 
 
 def run_training(cfg: Config, console: Console,

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ray_app.extras import require
+
 
 def plot_trials(trials: list[dict[str, Any]], metric: str, best_id: str | None,
                 path: Path) -> Path:
     """One line per trial from its `history` of [step, value]; the best trial drawn bold,
-    trials stopped early dashed."""
-    import matplotlib
-
+    trials stopped early dashed. Raises MissingPackage without matplotlib (the `plot` extra)."""
+    matplotlib = require("matplotlib", "trials.png of ray-app tune")
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 

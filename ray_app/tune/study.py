@@ -25,12 +25,14 @@ from ray_app.config import Config
 from ray_app.data import storage
 from ray_app.data.pipeline import prepare
 from ray_app.data.report import render_report
-from ray_app.errors import UserError
+from ray_app.errors import MissingPackage, UserError
+from ray_app.extras import check_installed, check_packages, require
+from ray_app.model.prepare import check_tokenizer, materialise_builtin
 from ray_app.secrets import redact
 from ray_app.summary import write_summary
 from ray_app.train.lease import RunLease
 from ray_app.train.plan import plan_steps
-from ray_app.train.run import check_packages, check_tokenizer, export_adapter, materialise_builtin
+from ray_app.train.run import export_adapter
 from ray_app.train.tracking import tune_callbacks
 from ray_app.tune.capacity import concurrent_trials, driver_resources
 from ray_app.tune.plot import plot_trials
@@ -61,6 +63,8 @@ def run_study(cfg: Config, console: Console, resume: bool = False,
     content. `callbacks`: more Tune callbacks for the driver (not kept with the study)."""
     require_space(cfg)
     check_packages(cfg)
+    if cfg.tune.search == "optuna":
+        check_installed("optuna", "tune.search: optuna", "use tune.search: random")
     output = cfg.output_path()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = check_tokenizer(cfg)
@@ -138,25 +142,35 @@ def _study(cfg: Config, console: Console, resume: bool, callbacks: Sequence[tune
                                                     cfg.tune.metric, "adapter_path",
                                                     "checkpoint")},
                            "config_path": str(config_path)}
-    if any(t["history"] for t in trials):
-        summary["plot"] = str(plot_trials(trials, cfg.tune.metric,
-                                          best["trial_id"] if best else None,
-                                          output / "trials.png"))
+    summary["plot"] = write_plot(trials, cfg.tune.metric, best["trial_id"] if best else None,
+                                 output / "trials.png", console)
     summary_path = output / "tune_summary.json"
     write_summary(summary_path, summary)
     render_study(summary, console, summary_path)
     return summary
 
 
+def write_plot(trials: list[dict[str, Any]], metric: str, best_id: str | None, path: Path,
+               console: Console) -> str | None:
+    """trials.png, or None: no trial reported the metric, or matplotlib (the `plot` extra)
+    is missing, which the study's results do without; the console says how to get it."""
+    if not any(t["history"] for t in trials):
+        return None
+    try:
+        return str(plot_trials(trials, metric, best_id, path))
+    except MissingPackage as err:
+        console.print(f"No {path.name}: {err}", style="yellow", markup=False, highlight=False)
+        return None
+
+
 def _tune_config(cfg: Config, concurrency: int, planned_steps: int) -> tune.TuneConfig:
     t = cfg.tune
     search = None
     if t.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            raise UserError("tune.search=optuna needs the optuna package: "
-                            "pip install -e '.[tune]'.") from None
+        # Ray's module imports without optuna and fails only when the searcher is built.
+        require("optuna", "tune.search: optuna", "use tune.search: random")
+        from ray.tune.search.optuna import OptunaSearch
+
         search = OptunaSearch(seed=cfg.train.seed)
     scheduler = None
     if t.scheduler == "asha":
