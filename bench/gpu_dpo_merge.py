@@ -164,7 +164,10 @@ def main() -> int:
     import torch
 
     t0 = time.perf_counter()
-    model_dir = str(args.work / "model_8b")
+    # Apart, so that a GPU run in the same work folder never reuses the smoke's tiny model.
+    model_dir = str(args.work / ("model_tiny" if args.cpu_smoke else "model_8b"))
+    if args.cpu_smoke:
+        results["model"] = "tiny (smoke)"
     if (Path(model_dir) / "config.json").exists():
         results["device"] = "cpu" if args.cpu_smoke else torch.cuda.get_device_name()
         model = None  # built by an earlier run in the same work folder
@@ -172,7 +175,7 @@ def main() -> int:
         from ray_app.data.tokenize import load_tokenizer
         from ray_app.model.loading import build_tiny_llama
 
-        results["device"], results["model"] = "cpu", "tiny (smoke)"
+        results["device"] = "cpu"
         model = build_tiny_llama(load_tokenizer(str(TOKENIZER)), seed=0)
     else:
         from ray_app.data.tokenize import load_tokenizer
