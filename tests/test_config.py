@@ -221,3 +221,14 @@ def test_a_source_mapping_is_reported_as_written_with_its_own_keys():
     assert ("data.eval.0.wieght: unknown key in section 'data.eval.0'; did you mean 'weight'? "
             "Allowed: path, format, fields, weight.") in msg
     assert ".str" not in msg and "SourceSpec" not in msg
+
+
+def test_readme_config_table_names_every_key_and_every_record_format():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| section | keys |"):readme.index("Any key can be overridden")]
+    for section, field in Config.model_fields.items():
+        (row,) = [line for line in table.splitlines() if line.startswith(f"| `{section}` |")]
+        missing = [key for key in field.annotation.model_fields if f"`{key}`" not in row]
+        assert not missing, f"README config table, section {section}: {missing}"
+    (data,) = [line for line in table.splitlines() if line.startswith("| `data` |")]
+    assert "`format` (" + ", ".join(f"`{f}`" for f in FORMAT_SETTINGS) + ")" in data

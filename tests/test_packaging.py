@@ -244,3 +244,16 @@ def test_a_study_without_matplotlib_finishes_and_says_how_to_get_the_plot(block,
     out = console.export_text()
     assert "No trials.png: trials.png of ray-app tune needs matplotlib" in out
     assert _install_line("plot") in out
+
+
+def test_readme_extras_table_lists_every_extra_with_its_packages():
+    readme = (REPO / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines()
+            if line.startswith("| `") and line.count("|") == 4}
+    for extra, requirements in EXTRAS.items():
+        assert extra in rows, f"README extras table has no row for {extra!r}"
+        if extra == "test":
+            continue
+        listed = {_canonical(name) for name in re.findall(r"`([A-Za-z0-9._-]+)`",
+                                                          rows[extra].split("|")[3])}
+        assert listed == set(requirements), (extra, listed, set(requirements))
