@@ -333,10 +333,10 @@ ANCHOR = [json.dumps({"text": f"Anchor record {i}: always trainable."}).encode()
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+@settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
-@given(corpus=st.lists(shards(), min_size=1, max_size=6))
+@given(corpus=st.lists(shards(), min_size=1, max_size=8))
 def test_prepare_accounts_for_every_line_of_random_shards(ray_cluster, corpus):
     tmp = Path(tempfile.mkdtemp(prefix="fuzz-"))
     folder = tmp / "data"
