@@ -214,11 +214,13 @@ def test_eval_metrics_name_the_eval_extra(block):
 
 
 def test_optuna_search_without_optuna_fails_before_any_ray_work(block, tmp_path):
-    from ray_app.tune.study import _tune_config, run_study
+    from ray_app.tune.study import _tune_config, check_study, run_study
 
     cfg = validate_config(_cfg(run={"output_dir": str(tmp_path / "out")}, tune={
         "search": "optuna", "space": {"train.lr": {"loguniform": [1e-5, 1e-3]}}}))
     block("optuna")
+    with pytest.raises(MissingPackage, match=re.escape(_install_line("tune"))):
+        check_study(cfg)  # what `ray-app tune` can call before Ray starts
     with pytest.raises(MissingPackage, match=re.escape(_install_line("tune"))) as info:
         run_study(cfg, Console())
     assert "tune.search: optuna needs optuna" in str(info.value)

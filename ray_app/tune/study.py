@@ -57,14 +57,20 @@ def require_space(cfg: Config) -> None:
                         "See docs/tune.md.")
 
 
-def run_study(cfg: Config, console: Console, resume: bool = False,
-              callbacks: Sequence[tune.Callback] = ()) -> dict[str, Any]:
-    """Runs (or with `resume`, continues) the study of `cfg.tune`; returns tune_summary.json's
-    content. `callbacks`: more Tune callbacks for the driver (not kept with the study)."""
+def check_study(cfg: Config) -> None:
+    """Everything a study needs that can be checked before Ray starts: a search space, and
+    the packages its settings need."""
     require_space(cfg)
     check_packages(cfg)
     if cfg.tune.search == "optuna":
         check_installed("optuna", "tune.search: optuna", "use tune.search: random")
+
+
+def run_study(cfg: Config, console: Console, resume: bool = False,
+              callbacks: Sequence[tune.Callback] = ()) -> dict[str, Any]:
+    """Runs (or with `resume`, continues) the study of `cfg.tune`; returns tune_summary.json's
+    content. `callbacks`: more Tune callbacks for the driver (not kept with the study)."""
+    check_study(cfg)
     output = cfg.output_path()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = check_tokenizer(cfg)
