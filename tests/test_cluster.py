@@ -251,6 +251,7 @@ def _ray_app(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.timeout(900)  # also starts the cluster (module fixture)
 def test_ray_app_submit_follows_the_job_and_exits_with_its_status(cluster, small_data, tmp_path):
     config = _config_file(cluster, tmp_path, small_data, "submitted")
     done = _ray_app(cluster, "submit", str(config), "--command", "data",
@@ -359,6 +360,7 @@ def tokenized(cluster, small_data, tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+@pytest.mark.timeout(1500)
 def test_losing_a_worker_node_costs_at_most_one_checkpoint_interval(
         cluster, small_data, tokenized, tmp_path_factory, capsys):
     straight_tmp = tmp_path_factory.mktemp("straight")

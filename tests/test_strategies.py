@@ -36,17 +36,23 @@ def _run(small_data, storage, name, strategy="ddp", quantization="none", **train
                       model={"quantization": quantization}, train=train,
                       run={"name": name, "max_failures": 1, "output_dir": str(storage / name),
                            "record_samples": True})
-    losses: dict[int, float] = {}
+    return _train(cfg, storage / "storage" / name)
+
+
+def _train(cfg, run):
+    """(summary, sample ids per step, optimizer tensors at the end, curves): `curves` has
+    the loss, lr and world size of every step as rank 0 reported them."""
+    curves: dict[str, dict[int, float]] = {"loss": {}, "lr": {}, "world_size": {}}
 
     def record(metrics):
-        if metrics.get("loss") is not None:
-            losses[metrics["step"]] = metrics["loss"]  # a redone step: its last value
+        for name, curve in curves.items():
+            if metrics.get(name) is not None:
+                curve[metrics["step"]] = metrics[name]  # a redone step: its last value
 
     summary = run_training(validate_config(cfg), Console(width=120), on_metrics=record)
     assert summary["status"] == "succeeded", summary.get("error")
-    run = storage / "storage" / name
     return (summary, committed_steps(run / "sample_trace"),
-            optimizer_tensors(newest_checkpoint(run)), losses)
+            optimizer_tensors(newest_checkpoint(run)), curves)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +96,35 @@ def test_strategy_resumes_from_its_checkpoint_and_exports_a_peft_adapter(
 
 def test_ddp_fsdp_and_deepspeed_give_one_loss_curve_and_accumulation_equals_a_larger_batch(
         ray_cluster, straight):
-    ddp = straight("ddp")[3]  # batch 8 per worker, no accumulation
-    curves = {"fsdp": straight("fsdp")[3], "deepspeed": straight("deepspeed")[3],
+    ddp = straight("ddp")[3]["loss"]  # batch 8 per worker, no accumulation
+    curves = {"fsdp": straight("fsdp")[3]["loss"], "deepspeed": straight("deepspeed")[3]["loss"],
               "ddp, batch 4 x 2 micro-batches": straight(
-                  "ddp", batch_size_per_worker=4, grad_accum_steps=2)[3]}
+                  "ddp", batch_size_per_worker=4, grad_accum_steps=2)[3]["loss"]}
     assert sorted(ddp) == [1, 2, 3, 4] and ddp[4] < ddp[1]
     for name, curve in curves.items():
         assert sorted(curve) == sorted(ddp), name
         for step, loss in ddp.items():
             assert curve[step] == pytest.approx(loss, rel=CURVE_RTOL), (name, step, curve, ddp)
+
+
+def test_a_shrunk_deepspeed_run_with_offload_steps_its_optimizer_once_per_step(
+        ray_cluster, small_data, storage, straight):
+    """An elastic run of 2 workers of which only 1 fits (1.5 CPUs each, 2 in the cluster)
+    starts with 1 and accumulates 2 micro-batches per step to keep the global batch.
+    DeepSpeed must then step its optimizer and schedule once per step, like the 2-worker
+    run (the same learning rate at every step), here with the optimizer on the CPU."""
+    from ray_app.train.safe_load import safe_load
+
+    cfg = tiny_config(small_data, storage,
+                      scaling={"strategy": "deepspeed", "zero_stage": 2, "offload": "optimizer",
+                               "num_workers": 2, "min_workers": 1,
+                               "resources_per_worker": {"CPU": 1.5}},
+                      run={"name": "ds-shrunk", "output_dir": str(storage / "ds-shrunk"),
+                           "record_samples": True})
+    summary, steps, _, curves = _train(cfg, storage / "storage" / "ds-shrunk")
+    assert set(curves["world_size"].values()) == {1}
+    assert summary["train"]["steps"] == 4 and len(steps[1]) == 16  # 2 x 8 samples per step
+    assert curves["lr"] == straight("deepspeed")[3]["lr"]
+    [states] = (newest_checkpoint(storage / "storage" / "ds-shrunk") / "deepspeed").glob(
+        "*/*model_states.pt")
+    assert safe_load(states)["global_steps"] == 4  # DeepSpeed's own count of optimizer steps

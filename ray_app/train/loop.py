@@ -141,12 +141,16 @@ def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                    cfg.model.trust_remote_code)
-        torch.manual_seed(t.seed + ray.train.get_context().get_world_rank())
+        # The same seed on every rank for the adapter's init: FSDP keeps each rank's own
+        # shard of it (DDP and DeepSpeed copy rank 0's), so per-rank seeds here would give a
+        # patchwork of different inits that depends on the world size.
+        torch.manual_seed(t.seed)
         device = ray.train.torch.get_device()
         base = load_base(cfg.model, cfg.scaling.use_gpu, device)
         base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
         engine = build_engine(add_lora(base, cfg.lora), cfg,
                               lambda optimizer: _scheduler(optimizer, t.schedule, plan))
+        torch.manual_seed(t.seed + ray.train.get_context().get_world_rank())  # dropout
     except (ImportError, NotImplementedError) as err:
         raise UserError(f"Cannot set up training on the worker: {type(err).__name__}: "
                         f"{err}") from err
