@@ -13,7 +13,7 @@ downloaded) and every data kind (`--data`):
 2. Plain loop (`--plain-variants`, fixed data only): ray_app's model stack without Ray.
    The package's `load_base`, `apply_speedups`, `add_lora` and `make_optimizer`; each step
    is `ray_app.train.steps.optimizer_step` with the SFT method and its training collate on
-   random ids, through `LocalEngine` (ray_app's DDP engine for one process: its backward,
+   random ids, through ray_app's DDP `Engine` on one process (its backward,
    clipping, optimizer and scheduler step). 5 warm-up and 15 timed steps between CUDA
    synchronisations, no Ray Train, Ray Data, reports or checkpoints: the baseline that the
    Ray overhead of a ray_app run with the same settings and batch is measured against.
@@ -394,13 +394,15 @@ def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile
     and returns its `StepResult`, without Ray Train, Ray Data, progress reports or
     checkpoints: the package's `load_base`, `apply_speedups`, `add_lora` and
     `make_optimizer`, and its step (`optimizer_step` with the SFT method and its training
-    collate, so the loss is the loop's) through `LocalEngine`."""
+    collate, so the loss is the loop's) through ray_app's DDP engine on one process
+    (`Engine` with the layout `Layout(device, 0, 1)`: no Ray Train context needed)."""
     import torch
-    from local_engine import LocalEngine
 
     from ray_app.data.collate import REAL_TOKENS
     from ray_app.model.loading import add_lora, apply_speedups, load_base
+    from ray_app.train.engines import Engine, Layout
     from ray_app.train.methods.sft import SFT
+    from ray_app.train.plan import StepPlan
     from ray_app.train.steps import MicroBatch, optimizer_step
 
     cfg = bench_config("plain", model_dir, work / "unused.jsonl", None, work, batch=batch,
@@ -412,7 +414,9 @@ def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile
     if quantization != "nf4":  # the 4-bit base is loaded onto the device already
         base = base.to(device)
     base = apply_speedups(base, cfg.model, cfg.train.activation_checkpointing, True)
-    engine = LocalEngine(add_lora(base, cfg.lora), cfg, device)
+    plan = StepPlan(micro_batches_per_epoch=1, steps_per_epoch=1, total_steps=1 << 30,
+                    warmup_steps=0, has_eval=False)  # the bench config's constant schedule
+    engine = Engine(add_lora(base, cfg.lora), cfg, plan, Layout(device, 0, 1))
     engine.model.train()  # from_pretrained returns eval mode, as in the loop's set-up
     method = SFT(cfg)
     # Every row is a full --seq tokens, so the pad id is never used.

@@ -6,8 +6,8 @@ Profiles 3 training steps, after 3 or 4 warm-up steps, of each of:
 - ray_app's model stack at `--batch` (default 8) without Ray: `gpu_throughput.plain_loop_step`
   with Liger, per-layer compile and no activation checkpointing, i.e. the package's
   `load_base`, `apply_speedups`, `add_lora` and `make_optimizer`, and its step
-  (`ray_app.train.steps.optimizer_step` with the SFT method) through the bench's
-  `LocalEngine`, so the profiled step is the training loop's own.
+  (`ray_app.train.steps.optimizer_step` with the SFT method) through ray_app's DDP
+  `Engine` on one process (`Layout(device, 0, 1)`), so the profiled step is the loop's own.
 CUDA kernel time is grouped by kind: matmul (cuBLAS/CUTLASS), attention (SDPA
 flash/efficient kernels), Triton (Liger and torch.compile's fused kernels), optimizer,
 other (elementwise, copies, reductions). 'idle' is the step's wall time not covered by any

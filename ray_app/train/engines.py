@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,21 @@ import torch.distributed as dist
 
 from ray_app.config import Config
 from ray_app.model.loading import decoder_layers
+from ray_app.train.plan import StepPlan
 from ray_app.train.safe_load import guard_deepspeed_loads, safe_load
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
+
+
+def make_scheduler(optimizer, cfg: Config, plan: StepPlan):
+    """train.schedule with the plan's warm-up and total steps (transformers' schedules)."""
+    from transformers import get_scheduler
+
+    schedule = cfg.train.schedule
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps,
+                         num_training_steps=plan.total_steps)
 
 
 def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
@@ -42,34 +54,53 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
                              fused=name == "adamw_fused")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: its device and its data-parallel rank and size."""
+
+    device: torch.device
+    dp_rank: int
+    dp_size: int
+
+    @classmethod
+    def of_ray_train_worker(cls) -> Layout:
+        """Every Ray Train worker is a data-parallel rank (a device mesh for tensor or
+        context parallelism would make the data-parallel group a sub-group)."""
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        return cls(ray.train.torch.get_device(), context.get_world_rank(),
+                   context.get_world_size())
+
+
 class Engine:
     """DDP (and the base of the others): the parallel layout, forward/backward, the
     optimizer step, checkpoint state.
 
     The engine owns the layout: `dp_rank` and `dp_size` are the data-parallel rank and
-    size, which the loop, the data order, the sample trace and the loss normalisation use
-    (today every worker is a data-parallel rank; a device mesh for tensor or context
-    parallelism would make them a sub-group). It also builds the optimizer and scheduler,
-    in one place for every strategy."""
+    size, which the loop, the data order, the sample trace and the loss normalisation use.
+    It also builds the optimizer and the learning-rate schedule, in one place for every
+    strategy. `layout` defaults to the Ray Train worker's; a single process without Ray
+    (a benchmark's plain loop) gives `Layout(device, 0, 1)`."""
 
-    def __init__(self, peft_model, cfg: Config, scheduler_factory):
-        import ray.train
-        import ray.train.torch
-
-        context = ray.train.get_context()
+    def __init__(self, peft_model, cfg: Config, plan: StepPlan, layout: Layout | None = None):
+        layout = layout or Layout.of_ray_train_worker()
         self.cfg = cfg
         self.peft_model = peft_model
-        self.device = ray.train.torch.get_device()
-        self.dp_rank, self.dp_size = context.get_world_rank(), context.get_world_size()
+        self.device, self.dp_rank, self.dp_size = layout.device, layout.dp_rank, layout.dp_size
         # Elastic runs keep the global batch of scaling.num_workers data-parallel ranks.
         self.accum_steps = math.ceil(
             cfg.train.grad_accum_steps * cfg.scaling.num_workers / self.dp_size)
         self.model = self._wrap(peft_model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(self.params, cfg)
-        self.optimizer, self.scheduler = self._attach(optimizer, scheduler_factory(optimizer))
+        self.optimizer, self.scheduler = self._attach(optimizer,
+                                                      make_scheduler(optimizer, cfg, plan))
 
     def _wrap(self, peft_model):
+        if self.dp_size == 1:
+            return peft_model.to(self.device)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(peft_model)
@@ -272,6 +303,7 @@ def deepspeed_config(cfg: Config, accum_steps: int) -> dict[str, Any]:
 ENGINES = {"ddp": Engine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
 
 
-def build_engine(peft_model, cfg: Config, scheduler_factory) -> Engine:
-    return ENGINES[cfg.scaling.strategy](peft_model, cfg, scheduler_factory)
+def build_engine(peft_model, cfg: Config, plan: StepPlan, layout: Layout | None = None) -> Engine:
+    """The engine of scaling.strategy around `peft_model`, with optimizer and schedule."""
+    return ENGINES[cfg.scaling.strategy](peft_model, cfg, plan, layout)
 

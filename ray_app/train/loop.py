@@ -148,8 +148,7 @@ def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:
         device = ray.train.torch.get_device()
         base = load_base(cfg.model, cfg.scaling.use_gpu, device)
         base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
-        engine = build_engine(add_lora(base, cfg.lora), cfg,
-                              lambda optimizer: _scheduler(optimizer, t.schedule, plan))
+        engine = build_engine(add_lora(base, cfg.lora), cfg, plan)
         torch.manual_seed(t.seed + ray.train.get_context().get_world_rank())  # dropout
     except (ImportError, NotImplementedError) as err:
         raise UserError(f"Cannot set up training on the worker: {type(err).__name__}: "
@@ -208,11 +207,3 @@ def _restore(engine: Engine) -> tuple[ckpt.LoopState, bool, list[str]]:
     state.restarts += 1
     state.resumes.append({"step": state.step, "world_size": engine.dp_size, "time": time.time()})
     return state, True, warnings
-
-
-def _scheduler(optimizer, schedule: str, plan: StepPlan):
-    from transformers import get_scheduler
-
-    name = "constant_with_warmup" if schedule == "constant" else schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=plan.warmup_steps,
-                         num_training_steps=plan.total_steps)
