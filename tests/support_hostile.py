@@ -229,7 +229,7 @@ def hostile_corpus(root: Path) -> HostileCorpus:
     return HostileCorpus(folder, tokenizer_dir, expected)
 
 
-def run_cli(*args: str, timeout: float = 280, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 500, **kwargs) -> subprocess.CompletedProcess:
     """`python -m ray_app ARGS` in a subprocess. Started once more when its local Ray node
     did not come up within Ray's fixed 30 s (on 2 busy cores, it sometimes does not)."""
     for attempt in range(2):

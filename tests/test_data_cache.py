@@ -72,7 +72,6 @@ def _assert_readable(build: Path, report: dict) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(420)
 def test_a_build_killed_at_any_point_leaves_nothing_that_a_rerun_reads(ray_cluster, small_data,
                                                                        tmp_path):
     config = _config(small_data, tmp_path)
@@ -89,7 +88,7 @@ def test_a_build_killed_at_any_point_leaves_nothing_that_a_rerun_reads(ray_clust
                                  "--num-cpus", "1"], start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 300
             while not _builds(store) or len(_builds(store)) < (1 if delay == 0.0 else 2):
                 assert proc.poll() is None and time.monotonic() < deadline, "the build never started"
                 time.sleep(0.05)
@@ -110,7 +109,6 @@ def test_a_build_killed_at_any_point_leaves_nothing_that_a_rerun_reads(ray_clust
         assert set(_builds(store)) == {*leftovers, build}  # young leftovers are kept, unread
 
 
-@pytest.mark.timeout(300)
 def test_two_builds_of_the_same_data_at_once_agree_on_one_complete_cache(small_data, tmp_path):
     config = _config(small_data, tmp_path)
     env = {**os.environ, "COLUMNS": "250"}  # one line per row, whatever the paths
@@ -118,7 +116,7 @@ def test_two_builds_of_the_same_data_at_once_agree_on_one_complete_cache(small_d
                                "1", "--output", str(tmp_path / name)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
              for name in ("a", "b")]
-    outs = [p.communicate(timeout=280) for p in procs]
+    outs = [p.communicate(timeout=500) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
     tables = [out.replace(str(tmp_path / name), "OUT").replace(" (tokenized cache reused)", "")
               for (out, _), name in zip(outs, ("a", "b"))]
@@ -182,7 +180,6 @@ while True:
 """
 
 
-@pytest.mark.timeout(120)
 def test_write_text_leaves_one_whole_version_whenever_the_writer_is_killed(tmp_path):
     target = tmp_path / "state.json"
     rng = random.Random()

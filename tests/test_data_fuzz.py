@@ -332,7 +332,6 @@ ANCHOR = [json.dumps({"text": f"Anchor record {i}: always trainable."}).encode()
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(400)
 @settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])

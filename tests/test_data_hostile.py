@@ -30,7 +30,6 @@ def _published(storage: Path) -> tuple[Path, dict]:
     return marker.parent / published["build"], published["report"]
 
 
-@pytest.mark.timeout(300)
 def test_ray_app_data_accounts_for_every_line_of_a_hostile_corpus(tmp_path):
     corpus = hostile_corpus(tmp_path)
     cfg = tiny_config(corpus.folder, tmp_path, data=hostile_data_config())
