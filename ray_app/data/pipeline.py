@@ -169,7 +169,8 @@ def no_train_records(report: DataReport, train_paths: list[str], rejects: Path) 
     lines = []
     for path in train_paths:
         f = files[path]
-        parts = [f"{f.records_read} records" if f.records_read else "no records (empty, or only blank lines)"]
+        parts = [f"{f.records_read} records" if f.records_read
+                 else "no records (empty, or only blank lines)"]
         if f.rejected:
             why = ", ".join(f"{n} x {r}" for r, n in f.reject_reasons.items())
             parts.append(f"{f.rejected} rejected ({why})")
@@ -211,9 +212,10 @@ def _build_and_publish(cfg: Config, shards: list[Shard], cache: str) -> tuple[st
         return build, report
     # Another build of the same inputs was published first: use it, so that every user of
     # this fingerprint reads the same files. Nobody else ever saw this build.
-    storage.remove_dir(f"{cache}/{build}")
     published = read_published(cache)
-    assert published is not None
+    if published is None:  # the marker was removed by hand meanwhile: keep this build
+        return build, report
+    storage.remove_dir(f"{cache}/{build}")
     return published
 
 
@@ -234,10 +236,10 @@ def remove_stale_builds(cache: str, keep: str, now: float | None = None) -> None
             storage.remove_dir(f"{cache}/{name}")
 
 
-def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
-    """Builds everything into the new folder `cache`."""
+def _build(cfg: Config, shards: list[Shard], folder: str) -> DataReport:
+    """Builds everything into `folder`, a new build folder (see MARKER)."""
     data = cfg.data
-    records = f"{cache}/records"
+    records = f"{folder}/records"
     has_eval_shards = any(s.meta.role == "eval" for s in shards)
     pairs = cfg.train.method == "dpo"
     rules = RecordRules.from_config(data, 0.0 if has_eval_shards else data.eval_fraction,
@@ -257,7 +259,7 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
     clock.lap("dedup")
     files = {s.path: SourceCounts(s.path, format="" if s.meta.format == "auto" else s.meta.format,
                                   weight=s.weight) for s in shards}
-    groups = scan_records(records, duplicates, f"{cache}/rejects.jsonl")
+    groups = scan_records(records, duplicates, f"{folder}/rejects.jsonl")
     report = report_from_counts(groups, files)
     if any(g["status"] == "accepted" and g["format"] != "text" for g in groups):
         warning = chat_template_warning(load_tokenizer(tokenizer_path(cfg),
@@ -277,17 +279,17 @@ def _build(cfg: Config, shards: list[Shard], cache: str) -> DataReport:
                       (pack_batch, {**shared, "max_seq_len": data.max_seq_len, "packing": packing}))
         (accepted.filter(expr=col("split") == name)
             .map_batches(fn, batch_size=PACK_BATCH, batch_format="numpy", fn_kwargs=kwargs)
-            .write_parquet(f"{cache}/{name}", row_group_size=CHUNK_ROWS))
+            .write_parquet(f"{folder}/{name}", row_group_size=CHUNK_ROWS))
 
-    chunks = index_chunks(f"{cache}/train")
-    storage.write_text(f"{cache}/train_index.json",
+    chunks = index_chunks(f"{folder}/train")
+    storage.write_text(f"{folder}/train_index.json",
                        json.dumps([c.__dict__ for c in chunks]))
     report.packing, report.pairs = data.packing and not pairs, pairs
     report.max_seq_len = data.max_seq_len
     report.train_sequences = sum(c.rows for c in chunks)
     if report.train_sequences:
         report.sequence_tokens = sum(int(pc.sum(b["num_tokens"]).as_py() or 0)
-                                     for b in parquet_batches(f"{cache}/train", ["num_tokens"]))
+                                     for b in parquet_batches(f"{folder}/train", ["num_tokens"]))
         slots = report.train_sequences * data.max_seq_len * (2 if pairs else 1)
         report.packing_efficiency = report.sequence_tokens / slots
     clock.lap("pack_write")
