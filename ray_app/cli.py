@@ -149,10 +149,12 @@ def cmd_data(args, console: Console) -> int:
     from ray_app.data.pipeline import prepare
     from ray_app.data.report import render_report
     from ray_app.ray_session import on_cluster
+    from ray_app.train.methods import method_for
 
     output = cfg.output_path()
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
-        prepared = on_cluster(prepare, cfg, cfg.storage_uri(), output / "rejects")
+        prepared = on_cluster(prepare, cfg, cfg.storage_uri(), output / "rejects",
+                              method_for(cfg).records)
     render_report(prepared.report, console, cached=prepared.cached, rejects_dir=output / "rejects")
     console.print(f"Tokenized records: {prepared.path}")
     return 0

@@ -45,3 +45,28 @@ def test_two_workers_write_a_loadable_adapter_and_summary(ray_cluster, small_dat
     ids = tokenizer("What is 1 + 2?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(ids).logits.shape[-1] == len(tokenizer)
+
+
+@pytest.mark.timeout(420)
+def test_a_hostile_corpus_trains_with_every_line_accounted_for(ray_cluster, tmp_path):
+    """The corpus of tests/support_hostile.py (deep nesting, huge ints, lone surrogates,
+    cut and corrupt compressed shards, empty shards, refusing chat templates, ...) goes
+    through `ray-app train` as it goes through `ray-app data`: the run succeeds, and each
+    shard's accounting is what its writer expected."""
+    from support_hostile import hostile_corpus, hostile_data_config
+
+    corpus = hostile_corpus(tmp_path)
+    cfg = tiny_config(corpus.folder, tmp_path, data=hostile_data_config(),
+                      train={"max_steps": 2, "batch_size_per_worker": 2})
+    cfg["model"]["tokenizer"] = str(corpus.tokenizer)
+    summary = _train(cfg)
+    assert summary["status"] == "succeeded", summary.get("error")
+    assert summary["train"]["steps"] == 2 and Path(summary["adapter_path"]).is_dir()
+    files = {Path(f["path"]).name: f for f in summary["data"]["files"]}
+    assert set(files) == set(corpus.expected)
+    for name, want in corpus.expected.items():
+        got = files[name]
+        assert (got["records_read"], got["accepted"], got["rejected"], got["duplicates"]) == (
+            want.read, want.accepted, want.rejected, want.duplicates), name
+    rejects = (tmp_path / "out" / "rejects" / "rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == sum(w.rejected for w in corpus.expected.values())

@@ -174,18 +174,26 @@ class RecordRules:
     max_tokens: int | None = None
     max_record_bytes: int = 4_000_000
     fmt: str = "auto"  # used where the reader gave no per-file format
-    pairs: bool = False  # train.method=dpo: only preference records, both answers trained
+    # What the training method trains on: "sequences" (any format), or "pairs" (only
+    # preference records, both answers trained); `method` names it in reject reasons.
+    records: str = "sequences"
+    method: str = "sft"
     fields: dict[int, dict[str, str]] = field(default_factory=dict)  # per source_id
 
+    @property
+    def pairs(self) -> bool:
+        return self.records == "pairs"
+
     @classmethod
-    def from_config(cls, data, eval_fraction: float,
+    def from_config(cls, cfg, eval_fraction: float,
                     fields: dict[int, dict[str, str]] | None = None,
-                    pairs: bool = False) -> RecordRules:
+                    records: str = "sequences") -> RecordRules:
+        data = cfg.data
         return cls(max_seq_len=data.max_seq_len, eval_fraction=eval_fraction,
                    trained_roles=tuple(data.train_on_roles), truncation=data.truncation,
                    min_tokens=data.min_tokens, max_tokens=data.max_tokens,
                    max_record_bytes=data.max_record_bytes, fmt=data.format, fields=fields or {},
-                   pairs=pairs)
+                   records=records, method=cfg.train.method)
 
 
 class TokenizeRecords:
@@ -250,8 +258,9 @@ class TokenizeRecords:
                 raise RecordError("no known format: expected a 'text', 'messages', "
                                   "'instruction' + 'output' or 'chosen' + 'rejected' field")
             if rules.pairs and fmt != "preference":
-                raise RecordError("train.method=dpo trains on preference records (prompt, "
-                                  "chosen, rejected); this record has no chosen/rejected pair")
+                raise RecordError(f"train.method={rules.method} trains on preference records "
+                                  "(prompt, chosen, rejected); this record has no "
+                                  "chosen/rejected pair")
             if fmt == "preference":
                 pair = to_preference(record, fields)
                 turns = pair.prompt + [pair.chosen]

@@ -62,6 +62,8 @@ def run_eval(cfg: Config, adapter: Adapter, console: Console) -> dict[str, Any]:
     started = time.perf_counter()
     output = cfg.output_path()
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
+        # Sequences whatever train.method is: a preference record is scored on its prompt
+        # and chosen answer (its supervised view), like every other record.
         data = prepare(cfg, cfg.storage_uri(), output / "rejects")
     if data.report.eval_records == 0:  # the split can come out empty on little data
         raise UserError(NO_EVAL_RECORDS)

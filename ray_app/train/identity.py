@@ -46,8 +46,7 @@ def check_run_identity(cfg: Config) -> bool:
     existed (this start resumes it). Raises UserError when the settings differ."""
     uri = f"{cfg.storage_uri().rstrip('/')}/{cfg.run.name}/{FILE}"
     mine = identity(cfg)
-    if not storage.exists(uri):
-        storage.write_text(uri, json.dumps(mine, indent=2, sort_keys=True))
+    if storage.create_once(uri, json.dumps(mine, indent=2, sort_keys=True).encode()):
         return False
     theirs = json.loads(storage.read_text(uri))
     changed = [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}"

@@ -24,7 +24,6 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-import pyarrow.fs as pafs
 from typing_extensions import Self
 
 from ray_app.data import storage
@@ -215,25 +214,12 @@ def _remove_stale(uri: str, seen: Holder | None) -> None:
 
 def _create(uri: str, holder: Holder) -> bool:
     """Writes the lease unless one exists; True when this holder has it."""
-    text = _dump(holder)
-    if not storage.is_uri(uri):
-        os.makedirs(os.path.dirname(uri), exist_ok=True)
-        tmp = f"{uri}.{holder.id[:8]}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, uri)  # atomic, and fails when the lease exists: one winner
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.remove(tmp)
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+    if not storage.create_once(uri, _dump(holder).encode()):
         return False
-    storage.write_text(uri, text)
+    if not storage.is_uri(uri):
+        return True  # exact on a file system: only one creator succeeds
+    # Object stores have no conditional write here: of starters that wrote at once, the
+    # one whose lease is still there after a while holds it.
     time.sleep(SETTLE_S)
     current = _read(uri)
     return current is not None and current.id == holder.id

@@ -31,6 +31,7 @@ from ray_app.model.prepare import check_tokenizer, materialise_builtin
 from ray_app.secrets import redact
 from ray_app.summary import write_summary
 from ray_app.train.lease import RunLease
+from ray_app.train.methods import method_for
 from ray_app.train.plan import plan_steps
 from ray_app.train.run import export_adapter
 from ray_app.train.tracking import tune_callbacks
@@ -86,7 +87,7 @@ def _study(cfg: Config, console: Console, resume: bool, callbacks: Sequence[tune
     path = study_path(cfg)
     restoring = _check_study(cfg, path, resume)
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
-        data = prepare(cfg, cfg.storage_uri(), output / "rejects")
+        data = prepare(cfg, cfg.storage_uri(), output / "rejects", method_for(cfg).records)
     render_report(data.report, console, cached=data.cached, rejects_dir=output / "rejects")
     model = materialise_builtin(cfg, tokenizer, output).model
     base = study_base(cfg)
