@@ -109,16 +109,20 @@ def test_ddp_fsdp_and_deepspeed_give_one_loss_curve_and_accumulation_equals_a_la
 
 def test_a_shrunk_deepspeed_run_with_offload_steps_its_optimizer_once_per_step(
         ray_cluster, small_data, storage, straight):
-    """An elastic run of 2 workers of which only 1 fits (1.5 CPUs each, 2 in the cluster)
-    starts with 1 and accumulates 2 micro-batches per step to keep the global batch.
-    DeepSpeed must then step its optimizer and schedule once per step, like the 2-worker
-    run (the same learning rate at every step), here with the optimizer on the CPU."""
+    """An elastic run of 2 workers of which only 1 fits (each asks for 60% of the cluster's
+    memory) starts with 1 and accumulates 2 micro-batches per step to keep the global
+    batch. DeepSpeed must then step its optimizer and schedule once per step, like the
+    2-worker run (the same learning rate at every step), here with the optimizer on the CPU.
+    (Memory, not CPU, keeps the second worker out: Ray Data's eval reads need a free CPU.)"""
+    import ray
+
     from ray_app.train.safe_load import safe_load
 
+    memory = int(ray.cluster_resources()["memory"] * 0.6)
     cfg = tiny_config(small_data, storage,
                       scaling={"strategy": "deepspeed", "zero_stage": 2, "offload": "optimizer",
                                "num_workers": 2, "min_workers": 1,
-                               "resources_per_worker": {"CPU": 1.5}},
+                               "resources_per_worker": {"CPU": 0.5, "memory": memory}},
                       run={"name": "ds-shrunk", "output_dir": str(storage / "ds-shrunk"),
                            "record_samples": True})
     summary, steps, _, curves = _train(cfg, storage / "storage" / "ds-shrunk")
