@@ -14,6 +14,25 @@ def write_lines(path: Path, lines: list[str | bytes], compress: bool = False) ->
     return path
 
 
+def kill_trees(pids: list[int]) -> None:
+    """SIGKILL each process and all its descendants at once (a lost machine), and wait."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            parent = psutil.Process(pid)
+            procs += [*parent.children(recursive=True), parent]
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def checkpoint_folders(run_dir: Path) -> list[Path]:
     """The run's checkpoint folders (`step_NNNNNNN-<attempt>`), oldest step first."""
     return sorted((p for p in run_dir.glob("step_*") if p.is_dir()),

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from support import tiny_config
+from support import kill_trees, tiny_config
 
 from ray_app.train.progress import RAY_METRICS
 from ray_app.train.trace import committed_steps
@@ -180,19 +180,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Only this cluster's processes (`ray stop` would also stop the test session's)."""
-        procs = []
-        for popen in self.nodes.values():
-            try:
-                parent = psutil.Process(popen.pid)
-                procs += [*parent.children(recursive=True), parent]
-            except psutil.NoSuchProcess:
-                continue
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        kill_trees([popen.pid for popen in self.nodes.values()])
         shutil.rmtree(self.temp, ignore_errors=True)
 
 

@@ -16,11 +16,16 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from rich.console import Console
-from support import checkpoint_folders, newest_checkpoint, optimizer_tensors, tiny_config
+from support import (
+    checkpoint_folders,
+    kill_trees,
+    newest_checkpoint,
+    optimizer_tensors,
+    tiny_config,
+)
 
 from ray_app.config import validate_config
 from ray_app.errors import UserError
@@ -146,17 +151,6 @@ def test_driver_rerun_skips_a_corrupted_checkpoint_and_refuses_other_settings(
     assert len([f for f in checkpoint_folders(run_dir) if f.name.startswith("step_0000004-")]) == 2
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    parent = psutil.Process(proc.pid)
-    tree = [*parent.children(recursive=True), parent]
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
-
-
 @pytest.mark.timeout(600)
 def test_a_killed_driver_and_a_corrupted_newest_checkpoint_still_end_with_the_adapter(
         ray_cluster, small_data, tmp_path):
@@ -181,7 +175,7 @@ def test_a_killed_driver_and_a_corrupted_newest_checkpoint_still_end_with_the_ad
             assert time.monotonic() < deadline, "no step-4 checkpoint in time"
             time.sleep(0.2)
     finally:
-        _kill_tree(driver)
+        kill_trees([driver.pid])
     newest = newest_checkpoint(run_dir)
     assert newest.name.startswith("step_0000004-")
     (newest / "adapter_model.safetensors").write_bytes(os.urandom(4096))
