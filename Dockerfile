@@ -13,7 +13,7 @@ WORKDIR /home/ray/app
 # The project with its GPU extras (DeepSpeed, bitsandbytes, Liger).
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 ray_app ./ray_app
-RUN pip install --no-cache-dir ".[gpu,tracking]"
+RUN pip install --no-cache-dir ".[gpu,tracking,eval,plot]"
 
 # Configs, RayJob manifests and entrypoints, for runs that use the image's copy of jobs/.
 COPY --chown=1000:100 jobs ./jobs

@@ -89,6 +89,9 @@ def _load(args):
 
 def cmd_train(args, console: Console) -> int:
     cfg = _load(args)  # validated before Ray starts
+    from ray_app.extras import check_packages
+
+    check_packages(cfg)  # a missing package is named before Ray starts, too
     from ray_app.ray_session import connect, is_dashboard_address
 
     if is_dashboard_address(args.address):
@@ -110,9 +113,9 @@ def cmd_train(args, console: Console) -> int:
 def cmd_tune(args, console: Console) -> int:
     cfg = _load(args)  # validated, search space included, before Ray starts
     from ray_app.ray_session import connect, is_dashboard_address
-    from ray_app.tune.study import require_space, run_study
+    from ray_app.tune.study import check_study, run_study
 
-    require_space(cfg)
+    check_study(cfg)  # search space, packages, optuna: before Ray starts
     if is_dashboard_address(args.address):
         from ray_app.submit import submit_and_follow
 

@@ -13,6 +13,7 @@ from support import read_tensorboard, read_wandb_history, tiny_config
 
 from ray_app.config import validate_config
 from ray_app.errors import UserError
+from ray_app.extras import check_packages
 from ray_app.train import tracking
 from ray_app.train.run import run_training
 
@@ -83,7 +84,7 @@ def test_a_missing_tracker_package_names_the_extra_before_any_ray_work(monkeypat
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     cfg = validate_config({"data": {"train": ["x"]}, "tracking": {"backends": ALL}})
     with pytest.raises(UserError, match=r"needs wandb.*pip install 'ray-app\[tracking\]'"):
-        tracking.check_tracking_packages(cfg)
+        check_packages(cfg)
 
 
 def test_a_failing_backend_is_reported_once_and_dropped(tmp_path):

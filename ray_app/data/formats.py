@@ -11,9 +11,11 @@ import json
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-FORMATS = ("text", "alpaca", "messages", "preference")
+from ray_app.config import RecordFormat
+
+FORMATS = get_args(RecordFormat)  # text, alpaca, messages, preference
 ROLES = ("system", "user", "assistant")
 DEFAULT_TRAINED_ROLES = ("assistant",)
 

@@ -85,12 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validator() -> Callable[..., list[str]]:
-    try:
-        from ray_app.k8s.validate import validate_manifest
-    except ImportError as err:
-        raise UserError(
-            f"ray-app k8s checks manifests against the KubeRay CRD schemas with jsonschema, "
-            f"which is not installed ({err}): pip install 'ray-app[k8s]'") from None
+    from ray_app.extras import check_installed
+
+    check_installed("jsonschema", "ray-app k8s (checks manifests against the KubeRay CRD "
+                    "schemas)")
+    from ray_app.k8s.validate import validate_manifest
+
     return validate_manifest
 
 

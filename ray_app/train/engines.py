@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ray_app.config import Config
+from ray_app.extras import require
 from ray_app.model.loading import decoder_layers
 from ray_app.train.plan import StepPlan
 from ray_app.train.safe_load import guard_deepspeed_loads, safe_load
@@ -46,7 +47,7 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
         offloaded = cfg.scaling.strategy == "deepspeed" and cfg.scaling.ds_offload != "none"
         name = "adamw_fused" if cfg.scaling.use_gpu and not offloaded else "adamw"
     if name in ("adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
+        bnb = require("bitsandbytes", f"train.optimizer: {name}")
 
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -225,8 +226,7 @@ class DeepSpeedEngine(Engine):
         return peft_model  # deepspeed.initialize wraps it, with the optimizer
 
     def _attach(self, optimizer, scheduler):
-        import deepspeed
-
+        deepspeed = require("deepspeed", "scaling.strategy: deepspeed")
         self.engine, optimizer, _, scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.accum_steps), dist_init_required=False,

@@ -16,7 +16,6 @@ MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -26,23 +25,11 @@ from rich.console import Console
 from typing_extensions import Self
 
 from ray_app.config import Config
-from ray_app.errors import UserError
+from ray_app.extras import require
 from ray_app.secrets import redact
 
-PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
 # Hub bookkeeping, not training metrics.
 NOT_METRICS = {"step", "time"}
-
-
-def check_tracking_packages(cfg: Config) -> None:
-    """Raises UserError naming the extra to install when a chosen backend is missing."""
-    missing = [PACKAGES[b] for b in cfg.tracking.backends
-               if importlib.util.find_spec(PACKAGES[b]) is None]
-    if missing:
-        raise UserError(f"tracking.backends={cfg.tracking.backends} needs {', '.join(missing)}, "
-                        "which is not installed. Install the tracking extra: "
-                        "pip install 'ray-app[tracking]' (or pip install -e '.[tracking]'), "
-                        "or remove the backend from tracking.backends.")
 
 
 def mlflow_uri(cfg: Config) -> str:
@@ -81,7 +68,7 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
 
 class _TensorBoard:
     def __init__(self, cfg: Config, params: dict[str, Any]):
-        from tensorboardX import SummaryWriter
+        SummaryWriter = require("tensorboardX", "tracking.backends: tensorboard").SummaryWriter
 
         folder = Path(cfg.tracking.tensorboard_dir or cfg.output_path() / "tensorboard")
         self.writer = SummaryWriter(logdir=str(folder / cfg.run.name))
@@ -104,8 +91,8 @@ class _TensorBoard:
 
 class _MLflow:
     def __init__(self, cfg: Config, params: dict[str, Any]):
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
+        mlflow = require("mlflow", "tracking.backends: mlflow")
+        MlflowClient, Param = mlflow.MlflowClient, require("mlflow.entities", "mlflow").Param
 
         self.client = MlflowClient(tracking_uri=mlflow_uri(cfg))
         found = self.client.get_experiment_by_name(cfg.tracking.project)
@@ -136,7 +123,7 @@ class _MLflow:
 
 class _Wandb:
     def __init__(self, cfg: Config, params: dict[str, Any]):
-        import wandb
+        wandb = require("wandb", "tracking.backends: wandb")
 
         self.run = wandb.init(
             project=cfg.tracking.project, entity=cfg.tracking.wandb_entity, name=cfg.run.name,

@@ -97,7 +97,7 @@ def test_image_runs_as_the_non_root_user_the_pods_expect():
     dockerfile = (REPO / "Dockerfile").read_text()
     values = yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]
     assert f"USER {values['runAsUser']}:{values['runAsGroup']}" in dockerfile
-    assert '".[gpu,tracking]"' in dockerfile
+    assert '".[gpu,tracking,eval,plot]"' in dockerfile
 
 
 @pytest.mark.parametrize("name", ["operator-values.yaml", *OVERLAYS])
