@@ -68,6 +68,11 @@ class PreparedData:
     cached: bool
 
     @property
+    def fingerprint(self) -> str:
+        """The cache key of these inputs and settings: the folder above the build."""
+        return self.path.rstrip("/").rsplit("/", 2)[-2]
+
+    @property
     def records_path(self) -> str:
         return f"{self.path}/records"
 

@@ -135,7 +135,7 @@ def _study(cfg: Config, console: Console, resume: bool, callbacks: Sequence[tune
                   "num_samples": cfg.tune.num_samples, "workers_per_trial": workers,
                   "max_concurrent_trials": concurrency, "concurrency_from": why,
                   "planned_steps": plan.total_steps},
-        "data": {"path": data.path, "fingerprint": data.path.rsplit("/", 1)[-1],
+        "data": {"path": data.path, "fingerprint": data.fingerprint,
                  "cached": data.cached, "prepare_calls": 1,
                  "trials_on_it": sorted({_data_cache(t) for t in trials} - {None})},
         "best": None, "plot": None, "trials": trials,
