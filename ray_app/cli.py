@@ -157,7 +157,7 @@ def cmd_data(args, console: Console) -> int:
     output = cfg.output_path()
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
         prepared = on_cluster(prepare, cfg, cfg.storage_uri(), output / "rejects",
-                              method_for(cfg).records)
+                              method_for(cfg).record_kind)
     render_report(prepared.report, console, cached=prepared.cached, rejects_dir=output / "rejects")
     console.print(f"Tokenized records: {prepared.path}")
     return 0

@@ -343,7 +343,7 @@ def plan_from_config(cfg, liger_auto: bool, **overrides) -> Plan:
         checkpointing=cfg.train.activation_checkpointing,
         optimizer=cfg.train.optimizer if "8bit" in cfg.train.optimizer else "adamw",
         attention=cfg.model.attn_implementation, packed_mask=cfg.data.packing,
-        preference=method_for(cfg).records == "pairs", fused_eval=liger,
+        preference=method_for(cfg).record_kind == "pairs", fused_eval=liger,
     )
     return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 

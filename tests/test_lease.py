@@ -23,12 +23,12 @@ from ray_app.train import lease
 from ray_app.train.lease import RunLease, lease_uri, live_holder
 
 
-def _contend(storage: str, name: str, start, results, hold_s: float) -> None:
+def _contend(storage: str, name: str, start, results, release) -> None:
     start.wait()
     try:
         with RunLease(storage, name, "train"):
             results.put(("won", os.getpid()))
-            time.sleep(hold_s)
+            release.wait(60)  # held until every contender has tried
     except UserError as err:
         results.put(("refused", str(err)))
 
@@ -42,15 +42,16 @@ def _start(storage: Path, command: str) -> None:
 def test_of_processes_starting_one_run_at_once_exactly_one_holds_it(tmp_path):
     ctx = multiprocessing.get_context("fork")
     for round_ in range(12):
-        start, results = ctx.Event(), ctx.Queue()
+        start, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
         procs = [ctx.Process(target=_contend, args=(str(tmp_path), f"r{round_}", start, results,
-                                                    1.0)) for _ in range(4)]
+                                                    release)) for _ in range(4)]
         for p in procs:
             p.start()
         start.set()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        release.set()
         for p in procs:
             p.join(30)
-        outcomes = [results.get(timeout=5) for _ in procs]
         winners = [o for o in outcomes if o[0] == "won"]
         assert len(winners) == 1, outcomes
         for kind, message in outcomes:

@@ -143,7 +143,7 @@ def test_a_run_on_s3_retries_transient_errors_and_resumes_from_its_s3_checkpoint
         Bucket="bucket", Prefix="runs/") for o in page.get("Contents", [])]
     assert any(k.startswith("runs/datasets/") and k.endswith("report.json") for k in keys)
     for step in (4, 6):  # the checkpoint resumed from, and the final one, each whole
-        files = {k.rsplit("/", 1)[-1] for k in keys if f"/step_{step:07d}/" in k}
+        files = {k.rsplit("/", 1)[-1] for k in keys if f"/step_{step:07d}-" in k}
         assert {"adapter_model.safetensors", "optimizer.pt"} <= files, sorted(files)
     assert proxy.failed >= 5, proxy.failed  # writes really failed and were retried
     assert Path(summary["adapter_path"], "adapter_model.safetensors").exists()

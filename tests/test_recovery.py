@@ -168,9 +168,11 @@ def test_a_killed_driver_and_a_corrupted_newest_checkpoint_still_end_with_the_ad
         env={**os.environ, STEP_DELAY_ENV: "1.5"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     try:
+        # Killed once Ray Train has registered the step-4 checkpoint (its snapshot names it),
+        # so that the rerun starts from that one and finds it corrupted.
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
         deadline = time.monotonic() + 400
-        while not any(f.name.startswith("step_0000004-") and ckpt.problem_with(f) is None
-                      for f in checkpoint_folders(run_dir)):
+        while not (snapshot.exists() and '"step_0000004-' in snapshot.read_text()):
             assert driver.poll() is None, "the driver ended before its step-4 checkpoint"
             assert time.monotonic() < deadline, "no step-4 checkpoint in time"
             time.sleep(0.2)

@@ -79,11 +79,11 @@ class PreparedData:
     def split(self, name: str) -> ray.data.Dataset:
         """The `train` sequences (packed when data.packing; columns input_ids, labels,
         position_ids) or the `eval` records (input_ids, labels), as a Ray Dataset. For
-        preference pairs (report.records == "pairs") both splits hold pairs: input_ids,
+        preference pairs (report.record_kind == "pairs") both splits hold pairs: input_ids,
         labels (the chosen answer), rejected_input_ids, rejected_labels."""
         if name not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {name!r}")
-        columns = (list(PAIR_COLUMNS) if self.report.records == "pairs"
+        columns = (list(PAIR_COLUMNS) if self.report.record_kind == "pairs"
                    else ["input_ids", "labels"] + (["position_ids"] if name == "train" else []))
         return ray.data.read_parquet(f"{self.path}/{name}").select_columns(columns)
 
@@ -93,7 +93,7 @@ class PreparedData:
         from ray_app.data.order import Chunk
 
         return TrainStream(tuple(Chunk(**c) for c in index),
-                           PAIR_COLUMNS if self.report.records == "pairs" else COLUMNS)
+                           PAIR_COLUMNS if self.report.record_kind == "pairs" else COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -131,31 +131,31 @@ def resolve_shards(cfg: Config) -> list[Shard]:
     return shards
 
 
-def fingerprint(cfg: Config, shards: list[Shard], records: str = "sequences") -> str:
+def fingerprint(cfg: Config, shards: list[Shard], record_kind: str = "sequences") -> str:
     """Changes when an input file, the tokenizer, the kind of records the method trains on
     or a data setting that shapes the output changes (not for tokenize_actors or strict)."""
     settings = cfg.data.model_dump_json(exclude={"tokenize_actors", "strict"})
-    parts = [PIPELINE_VERSION, tokenizer_path(cfg), settings, records]
+    parts = [PIPELINE_VERSION, tokenizer_path(cfg), settings, record_kind]
     for s in shards:
         parts.append(f"{s.path}:{s.meta.role}:{storage.stamp(s.path)}")
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=10).hexdigest()
 
 
 def prepare(cfg: Config, storage_root: str, rejects_dir: Path,
-            records: str = "sequences") -> PreparedData:
+            record_kind: str = "sequences") -> PreparedData:
     """Builds the dataset cache (or reuses it), writes the reject report, and enforces
     data.strict and a non-empty train set. Call with Ray initialised.
 
-    `records`: what the training method trains on (`TrainingMethod.records`): "sequences"
-    (records of any format, packed) or "pairs" (preference records, kept whole)."""
-    if records not in RECORD_KINDS:
-        raise ValueError(f"records must be one of {RECORD_KINDS}, got {records!r}")
+    `record_kind`: what the training method trains on (`TrainingMethod.record_kind`):
+    "sequences" (records of any format, packed) or "pairs" (preference records, whole)."""
+    if record_kind not in RECORD_KINDS:
+        raise ValueError(f"record_kind must be one of {RECORD_KINDS}, got {record_kind!r}")
     shards = resolve_shards(cfg)
-    cache = f"{storage_root.rstrip('/')}/datasets/{fingerprint(cfg, shards, records)}"
+    cache = f"{storage_root.rstrip('/')}/datasets/{fingerprint(cfg, shards, record_kind)}"
     published = read_published(cache)
     cached = published is not None
     if published is None:
-        published = _build_and_publish(cfg, shards, cache, records)
+        published = _build_and_publish(cfg, shards, cache, record_kind)
     build, report = published
     remove_stale_builds(cache, keep=build)
     prepared = PreparedData(path=f"{cache}/{build}", report=report, cached=cached)
@@ -217,9 +217,9 @@ def read_published(cache: str) -> tuple[str, DataReport] | None:
 
 
 def _build_and_publish(cfg: Config, shards: list[Shard], cache: str,
-                       records: str) -> tuple[str, DataReport]:
+                       record_kind: str) -> tuple[str, DataReport]:
     build = f"{BUILD_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
-    report = _build(cfg, shards, f"{cache}/{build}", records)
+    report = _build(cfg, shards, f"{cache}/{build}", record_kind)
     marker = json.dumps({"build": build, "report": report.to_dict()}, indent=2)
     if storage.create_once(f"{cache}/{MARKER}", marker.encode()):
         return build, report
@@ -249,14 +249,15 @@ def remove_stale_builds(cache: str, keep: str, now: float | None = None) -> None
             storage.remove_dir(f"{cache}/{name}")
 
 
-def _build(cfg: Config, shards: list[Shard], folder: str, records: str) -> DataReport:
+def _build(cfg: Config, shards: list[Shard], folder: str, record_kind: str) -> DataReport:
     """Builds everything into `folder`, a new build folder (see MARKER)."""
     data = cfg.data
     records = f"{folder}/records"
     has_eval_shards = any(s.meta.role == "eval" for s in shards)
-    pairs = records == "pairs"
+    pairs = record_kind == "pairs"
     rules = RecordRules.from_config(cfg, 0.0 if has_eval_shards else data.eval_fraction,
-                                    {s.meta.source_id: s.meta.fields for s in shards}, records)
+                                    {s.meta.source_id: s.meta.fields for s in shards},
+                                    record_kind)
     clock = _StageClock()
     (read_lines(shards, data.max_record_bytes)
         .map_batches(TokenizeRecords,
@@ -297,7 +298,7 @@ def _build(cfg: Config, shards: list[Shard], folder: str, records: str) -> DataR
     chunks = index_chunks(f"{folder}/train")
     storage.write_text(f"{folder}/train_index.json",
                        json.dumps([c.__dict__ for c in chunks]))
-    report.packing, report.records = data.packing and not pairs, records
+    report.packing, report.record_kind = data.packing and not pairs, record_kind
     report.max_seq_len = data.max_seq_len
     report.train_sequences = sum(c.rows for c in chunks)
     if report.train_sequences:

@@ -38,7 +38,7 @@ class DataReport:
     reject_reasons: dict[str, int] = field(default_factory=dict)
     # The sequences the workers train on (packed, with sampling weights applied).
     packing: bool = False
-    records: str = "sequences"  # or "pairs": (chosen, rejected) pairs instead of sequences
+    record_kind: str = "sequences"  # or "pairs": (chosen, rejected) pairs, not sequences
     max_seq_len: int = 0
     train_sequences: int = 0
     sequence_tokens: int = 0
@@ -124,7 +124,7 @@ def render_report(report: DataReport, console, *, cached: bool = False, rejects_
     console.print(table)
     console.print(f"train {report.train_records} records ({report.train_tokens:,} tokens), "
                   f"eval {report.eval_records} records")
-    if report.records == "pairs":
+    if report.record_kind == "pairs":
         console.print(f"train as {report.train_sequences} (chosen, rejected) pairs of <= "
                       f"{report.max_seq_len} tokens each")
     elif report.train_sequences:

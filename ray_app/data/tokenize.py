@@ -176,24 +176,24 @@ class RecordRules:
     fmt: str = "auto"  # used where the reader gave no per-file format
     # What the training method trains on: "sequences" (any format), or "pairs" (only
     # preference records, both answers trained); `method` names it in reject reasons.
-    records: str = "sequences"
+    record_kind: str = "sequences"
     method: str = "sft"
     fields: dict[int, dict[str, str]] = field(default_factory=dict)  # per source_id
 
     @property
     def pairs(self) -> bool:
-        return self.records == "pairs"
+        return self.record_kind == "pairs"
 
     @classmethod
     def from_config(cls, cfg, eval_fraction: float,
                     fields: dict[int, dict[str, str]] | None = None,
-                    records: str = "sequences") -> RecordRules:
+                    record_kind: str = "sequences") -> RecordRules:
         data = cfg.data
         return cls(max_seq_len=data.max_seq_len, eval_fraction=eval_fraction,
                    trained_roles=tuple(data.train_on_roles), truncation=data.truncation,
                    min_tokens=data.min_tokens, max_tokens=data.max_tokens,
                    max_record_bytes=data.max_record_bytes, fmt=data.format, fields=fields or {},
-                   records=records, method=cfg.train.method)
+                   record_kind=record_kind, method=cfg.train.method)
 
 
 class TokenizeRecords:

@@ -59,7 +59,7 @@ def lease_uri(storage_root: str, run_name: str) -> str:
 
 def live_holder(storage_root: str, run_name: str) -> Holder | None:
     """The holder of the run's lease while it is alive, else None."""
-    holder = _read(lease_uri(storage_root, run_name))
+    holder = _parse(_load(lease_uri(storage_root, run_name)))
     return holder if holder is not None and _alive(holder, time.time()) else None
 
 
@@ -87,15 +87,15 @@ class RunLease:
 
     def __enter__(self) -> Self:
         for _ in range(5):  # a race lost to another starter is retried; it then shows as busy
-            current = _read(self.uri)
-            now = time.time()
-            if current is not None and _alive(current, now):
-                raise _busy(self.storage_root, self.run_name, current)
-            if current is not None or _exists(self.uri):
+            raw = _load(self.uri)
+            if raw is not None:
+                current, now = _parse(raw), time.time()
+                if current is not None and _alive(current, now):
+                    raise _busy(self.storage_root, self.run_name, current)
                 self.warning = (
                     f"Took over the lease of run {self.run_name!r} from a holder that is gone "
                     f"({current.describe(now) if current else 'unreadable lease file'}).")
-                _remove_stale(self.uri, current)
+                _remove_stale(self.uri, raw)
             if _create(self.uri, self.mine):
                 self._thread = threading.Thread(target=self._beat, daemon=True,
                                                 name="ray-app-lease")
@@ -108,13 +108,13 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = _read(self.uri)
+        current = _parse(_load(self.uri))
         if current is not None and current.id == self.mine.id:
             _delete(self.uri)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            current = _read(self.uri)
+            current = _parse(_load(self.uri))
             if current is not None and current.id != self.mine.id:
                 return  # taken over while this process was stalled: stop claiming it
             try:
@@ -168,18 +168,25 @@ def _dump(holder: Holder) -> str:
     return json.dumps(asdict(holder), indent=1)
 
 
-def _read(uri: str) -> Holder | None:
+def _load(uri: str) -> bytes | None:
+    """The lease file's bytes, or None when there is none."""
+    fs, path = storage.filesystem(uri)
     try:
-        return Holder(**json.loads(storage.read_text(uri)))
-    except (OSError, ValueError, TypeError):
-        return None  # absent, or unreadable (then `_exists` tells the two apart)
+        with fs.open_input_stream(path) as src:
+            return src.read()
+    except FileNotFoundError:
+        return None
 
 
-def _exists(uri: str) -> bool:
+def _parse(raw: bytes | None) -> Holder | None:
+    """The holder in a lease file, or None when there is none or it is unreadable (writes
+    are atomic, so an unreadable lease is a corrupted one)."""
+    if raw is None:
+        return None
     try:
-        return storage.exists(uri)
-    except OSError:
-        return False
+        return Holder(**json.loads(raw))
+    except (ValueError, TypeError):
+        return None
 
 
 def _delete(uri: str) -> None:
@@ -190,10 +197,10 @@ def _delete(uri: str) -> None:
         pass
 
 
-def _remove_stale(uri: str, seen: Holder | None) -> None:
-    """Removes the stale lease, unless someone replaced it since it was read."""
+def _remove_stale(uri: str, seen: bytes) -> None:
+    """Removes the stale lease whose bytes were `seen`, unless it was replaced since."""
     if storage.is_uri(uri):
-        if seen is None or (_read(uri) or seen).id == seen.id:
+        if _load(uri) == seen:
             _delete(uri)
         return
     # Locally, a rename is atomic: of two processes taking over, one moves the file.
@@ -202,8 +209,7 @@ def _remove_stale(uri: str, seen: Holder | None) -> None:
         os.rename(uri, aside)
     except FileNotFoundError:
         return
-    moved = _read(aside)
-    if seen is not None and moved is not None and moved.id != seen.id:
+    if _load(aside) != seen:
         # A fresh lease was written in between: put it back (the link fails if one exists).
         try:
             os.link(aside, uri)
@@ -221,5 +227,5 @@ def _create(uri: str, holder: Holder) -> bool:
     # Object stores have no conditional write here: of starters that wrote at once, the
     # one whose lease is still there after a while holds it.
     time.sleep(SETTLE_S)
-    current = _read(uri)
+    current = _parse(_load(uri))
     return current is not None and current.id == holder.id

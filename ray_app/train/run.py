@@ -62,7 +62,7 @@ def _train(cfg: Config, console: Console, tokenizer, output: Path,
     if check_run_identity(cfg):
         console.print(f"Run {cfg.run.name!r} exists in {redact(cfg.storage_uri())}: resuming it.")
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
-        data = prepare(cfg, cfg.storage_uri(), output / "rejects", method_for(cfg).records)
+        data = prepare(cfg, cfg.storage_uri(), output / "rejects", method_for(cfg).record_kind)
     cfg = materialise_builtin(cfg, tokenizer, output)
     render_report(data.report, console, cached=data.cached, rejects_dir=output / "rejects")
     world = cfg.scaling.num_workers

@@ -87,7 +87,7 @@ def _study(cfg: Config, console: Console, resume: bool, callbacks: Sequence[tune
     path = study_path(cfg)
     restoring = _check_study(cfg, path, resume)
     with console.status("Reading, validating and tokenizing the data with Ray Data..."):
-        data = prepare(cfg, cfg.storage_uri(), output / "rejects", method_for(cfg).records)
+        data = prepare(cfg, cfg.storage_uri(), output / "rejects", method_for(cfg).record_kind)
     render_report(data.report, console, cached=data.cached, rejects_dir=output / "rejects")
     model = materialise_builtin(cfg, tokenizer, output).model
     base = study_base(cfg)

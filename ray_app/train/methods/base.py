@@ -1,7 +1,7 @@
 """The TrainingMethod seam: what one training objective needs from the data and the loop.
 
-A method says which records it trains on (`records`: packed "sequences", or preference
-"pairs"), how a batch of them becomes model inputs (`collates`), what a micro-batch
+A method says which records it trains on (`record_kind`: packed "sequences", or
+preference "pairs"), how a batch of them becomes model inputs (`collates`), what a micro-batch
 weighs in the step's average (`units`: trained tokens, pairs, ...), its loss and the
 per-unit statistics it reports (`loss`, `STATS`), and the same for evaluation. The loop
 and `ray_app.train.steps` do the rest the same way for every method: accumulation over
@@ -32,7 +32,7 @@ class TrainingMethod(ABC):
     name: ClassVar[str]
     # What the data pipeline must prepare: "sequences" (any SFT format, packed) or "pairs"
     # (preference records: prompt, chosen, rejected; never packed).
-    records: ClassVar[str] = "sequences"
+    record_kind: ClassVar[str] = "sequences"
     # Statistics summed per unit over a step's micro-batches and workers, then divided by
     # the step's units; "loss" first. Reported as metrics under these names.
     STATS: ClassVar[tuple[str, ...]] = ("loss",)
@@ -67,4 +67,4 @@ class TrainingMethod(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What a run records about the method (run_summary.json)."""
-        return {"name": self.name, "records": self.records}
+        return {"name": self.name, "record_kind": self.record_kind}

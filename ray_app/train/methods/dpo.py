@@ -109,7 +109,7 @@ class DPO(TrainingMethod):
     """train.method=dpo; each pair weighs the same in the step's mean."""
 
     name = "dpo"
-    records = "pairs"
+    record_kind = "pairs"
     STATS = STATS
     SUMMARY = ("reward_accuracy", "reward_margin")
 

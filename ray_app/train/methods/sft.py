@@ -19,7 +19,7 @@ from ray_app.train.methods.base import TrainingMethod
 
 class SFT(TrainingMethod):
     name = "sft"
-    records = "sequences"
+    record_kind = "sequences"
     STATS = ("loss",)
     SUMMARY = ("perplexity",)
 
