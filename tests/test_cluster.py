@@ -83,7 +83,10 @@ class LocalCluster:
                     "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180",
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         (root / "home").mkdir(parents=True, exist_ok=True)
-        self.temp = root / "ray"  # short: socket paths have a length limit
+        # One temp dir per node, as separate machines have: nodes sharing one would share
+        # runtime_resources/, and a node dropping a job's working_dir would delete it under
+        # the job's driver on the head. Short: socket paths have a length limit.
+        self.temps: dict[str, Path] = {}
         # One run storage for all jobs: the tokenized dataset is built once (Ray Data on
         # three 1-CPU nodes takes minutes) and reused from its cache by every later job.
         self.storage = root / "storage"
@@ -101,7 +104,8 @@ class LocalCluster:
     def start_node(self, name: str, *args: str) -> None:
         node, obj, agent, metrics = self.ports.take(4)
         workers = self.ports.take(200)
-        cmd = [RAY, "start", *args, "--block", f"--temp-dir={self.temp}",
+        self.temps[name] = self.root / f"ray-{name}"
+        cmd = [RAY, "start", *args, "--block", f"--temp-dir={self.temps[name]}",
                "--object-store-memory=150000000", f"--node-manager-port={node}",
                f"--object-manager-port={obj}", f"--dashboard-agent-listen-port={agent}",
                f"--metrics-export-port={metrics}", f"--min-worker-port={workers[0]}",
@@ -133,7 +137,7 @@ class LocalCluster:
     def log_tails(self, pattern: str, chars: int = 1500) -> str:
         """The ends of this cluster's session logs matching `pattern`, for failure messages."""
         return "\n".join(f"--- {f.name}:\n{f.read_text(errors='replace')[-chars:]}"
-                         for f in sorted(self.temp.glob(f"session_*/logs/{pattern}")))
+                         for f in sorted(self.root.glob(f"ray-*/session_*/logs/{pattern}")))
 
     def metrics(self, node: str) -> str:
         """The node's Prometheus endpoint, as the dashboard's metrics view scrapes it."""
@@ -181,7 +185,8 @@ class LocalCluster:
     def stop(self) -> None:
         """Only this cluster's processes (`ray stop` would also stop the test session's)."""
         kill_trees([popen.pid for popen in self.nodes.values()])
-        shutil.rmtree(self.temp, ignore_errors=True)
+        for temp in self.temps.values():
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
