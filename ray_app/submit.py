@@ -65,15 +65,18 @@ def submit_and_follow(args, console: Console, command: str = "train") -> int:
                                runtime_env={"working_dir": str(workdir)})
     dashboard = args.address.rstrip("/")
     console.print(f"Submitted job {job_id}; dashboard: {dashboard}/#/jobs/{job_id}")
-    console.print(f"Outputs (on the cluster's storage): adapter {output}/final, summary "
-                  f"{output}/run_summary.json, checkpoints {redact(storage)}/{cfg.run.name}. "
-                  "The same command again resumes the run from them.", highlight=False)
+    # One location per line, never wrapped: users copy these paths.
+    console.print("Outputs, on the cluster's storage (the same command again resumes from them):")
+    for name, where in (("adapter", f"{output}/final"), ("summary", f"{output}/run_summary.json"),
+                        ("checkpoints", f"{redact(storage)}/{cfg.run.name}")):
+        console.print(f"  {name} {where}", highlight=False, soft_wrap=True)
     try:
         status = asyncio.run(follow(client, job_id, console))
     except KeyboardInterrupt:
         console.print(f"Stopped following job {job_id}; the job keeps running on the cluster. "
                       f"Follow it again: ray job logs {job_id} --follow --address {dashboard}. "
-                      f"Stop it: ray job stop {job_id} --address {dashboard}.", highlight=False)
+                      f"Stop it: ray job stop {job_id} --address {dashboard}.", highlight=False,
+                      soft_wrap=True)
         return 130
     console.print(f"Job {job_id} finished: {status}")
     return TERMINAL.get(status, 1)

@@ -121,7 +121,7 @@ def test_dpo_run_learns_the_preference_and_recovers_like_sft(
     summary = run_training(validate_config(_dpo_config(pairs, tmp_path)), Console(width=120))
     assert summary["status"] == "succeeded", summary.get("error")
     data, evals, train = summary["data"], summary["eval"], summary["train"]
-    assert data["pairs"] and data["rejected"] == 5  # the alpaca records, each reported
+    assert data["record_kind"] == "pairs" and data["rejected"] == 5  # the alpaca records, each reported
     rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects" / "rejects.jsonl")
                .read_text().splitlines()]
     assert len(rejects) == 5 and all("train.method=dpo" in r["reason"] for r in rejects)
