@@ -218,7 +218,9 @@ def _config_file(cluster: LocalCluster, tmp: Path, data: Path, name: str) -> Pat
 
 def _submit(cluster: LocalCluster, tmp: Path, data: Path, name: str, **env: str) -> str:
     config = _config_file(cluster, tmp, data, name)
-    runtime_env = {"env_vars": {"RAY_APP_STEP_DELAY_S": "0.5",
+    # A shrunk run slows down until it has grown back: the replacement node's start (seconds
+    # on a busy machine) must not race the run's end.
+    runtime_env = {"env_vars": {"RAY_APP_STEP_DELAY_S": "0.5", "RAY_APP_SHRUNK_STEP_DELAY_S": "4",
                                 "RAY_APP_ELASTIC_RESIZE_CHECK_S": "5", **env}}
     cluster.ray("job", "submit", "--submission-id", name, "--no-wait",
                 "--runtime-env-json", json.dumps(runtime_env), "--",

@@ -23,13 +23,13 @@ from ray_app.tune.table import COMPLETED, STOPPED
 def _study_config(small_data, tmp_path) -> dict:
     cfg = tiny_config(
         small_data, tmp_path,
-        train={"max_steps": 6, "eval_every": 2, "checkpoint_every": 2, "log_every": 2,
+        train={"max_steps": 4, "eval_every": 2, "checkpoint_every": 2, "log_every": 2,
                "warmup_ratio": 0.0},
         scaling={"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
         run={"name": "study"},
     )
     # A good and a hopeless learning rate, twice each: 4 trials, 2 at once on 2 CPUs
-    # (1 kept for Ray Data, 0.5 per one-worker trial); ASHA compares them at steps 2 and 4.
+    # (1 kept for Ray Data, 0.5 per one-worker trial); ASHA compares them at step 2.
     cfg["tune"] = {"space": {"train.lr": {"grid": [3e-3, 1e-6]}, "lora.r": {"choice": [4, 8]}},
                    "num_samples": 2, "scheduler": "asha", "grace_period": 2,
                    "reduction_factor": 2, "workers_per_trial": 1}
@@ -82,7 +82,7 @@ def test_study_stops_bad_trials_resumes_after_interrupt_and_best_config_trains(
     assert STOPPED in statuses, summary["trials"]
     assert all(s in (COMPLETED, STOPPED) for s in statuses)
     stopped = [t for t in trials.values() if t["status"] == STOPPED]
-    assert all(t["step"] < 6 for t in stopped)
+    assert all(t["step"] < 4 for t in stopped)
     assert all(t["adapter_path"] for t in trials.values() if t["status"] == COMPLETED)
 
     # The data was tokenized once, before the first trial, and every trial read that cache.

@@ -3,7 +3,9 @@
 Both act once, on a fresh (not resumed) attempt, at the given optimizer step:
 - RAY_APP_FAIL_AT_STEP: every worker raises, like a crashed worker group;
 - RAY_APP_SIGTERM_AT_STEP: rank 0's process gets a real SIGTERM, like an evicted pod.
-RAY_APP_STEP_DELAY_S slows every step down, so that a drill can act mid-run.
+RAY_APP_STEP_DELAY_S slows every step down, so that a drill can act mid-run;
+RAY_APP_SHRUNK_STEP_DELAY_S slows the steps of an elastic run that has fewer workers than
+it asked for, so that a drill sees it grow back before it ends.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import time
 FAIL_AT_STEP_ENV = "RAY_APP_FAIL_AT_STEP"
 SIGTERM_AT_STEP_ENV = "RAY_APP_SIGTERM_AT_STEP"
 STEP_DELAY_ENV = "RAY_APP_STEP_DELAY_S"
+SHRUNK_STEP_DELAY_ENV = "RAY_APP_SHRUNK_STEP_DELAY_S"
 
 
 def injected_faults() -> dict[str, float]:
     """Read on the driver, passed to the workers in the loop config."""
     return {"fail_at_step": int(os.environ.get(FAIL_AT_STEP_ENV) or 0),
             "sigterm_at_step": int(os.environ.get(SIGTERM_AT_STEP_ENV) or 0),
-            "step_delay_s": float(os.environ.get(STEP_DELAY_ENV) or 0)}
+            "step_delay_s": float(os.environ.get(STEP_DELAY_ENV) or 0),
+            "shrunk_step_delay_s": float(os.environ.get(SHRUNK_STEP_DELAY_ENV) or 0)}
 
 
-def inject(faults: dict[str, float], step: int, rank: int, resumed: bool) -> None:
-    if faults.get("step_delay_s"):
-        time.sleep(faults["step_delay_s"])
+def inject(faults: dict[str, float], step: int, rank: int, resumed: bool,
+           shrunk: bool = False) -> None:
+    """`shrunk`: the run has fewer workers than it asked for."""
+    delay = faults.get("step_delay_s", 0) + (faults.get("shrunk_step_delay_s", 0) if shrunk else 0)
+    if delay:
+        time.sleep(delay)
     if resumed:
         return
     if step == faults.get("fail_at_step"):

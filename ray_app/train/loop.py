@@ -87,7 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     faults = loop_config.get("faults") or {}
     watch = PreemptionWatch(cfg.run.preemption_check_every, engine.device)
     start_step = state.step
-    last_checkpoint = state.step if resumed else -1
+    last_checkpoint = -1
 
     # Train.
     while state.step < plan.total_steps:
@@ -102,7 +102,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if trace:
                 trace.write(state, sample_ids)
             reporter.add_step(result, time.perf_counter() - started)
-            inject(faults, state.step, engine.dp_rank, resumed)
+            inject(faults, state.step, engine.dp_rank, resumed,
+                   shrunk=engine.dp_size < cfg.scaling.num_workers)
 
             final = state.step == plan.total_steps
             metrics = reporter.window_metrics() if reporter.log_due(final) else {}
@@ -130,8 +131,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.epoch += 1
             state.sample_cursor = 0
 
-    if last_checkpoint != state.step:  # resumed at the very end: still hand back a result
-        reporter.checkpoint({**run_eval(), "final": True, "start_step": start_step}, True)
+    # Resumed at the very end (the same command after the run finished): Ray Train's result
+    # is its newest checkpoint's metrics, so this attempt writes the final one again.
+    if last_checkpoint != state.step:
+        reporter.checkpoint({**initial, "final": True, "start_step": start_step}, True)
 
 
 def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:

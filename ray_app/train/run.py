@@ -36,6 +36,8 @@ from ray_app.train.trace import trace_folder
 from ray_app.train.tracking import Tracker
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+# The largest eval split (token ids, at most) kept in Ray's object store for the whole run.
+EVAL_IN_MEMORY_BYTES = 1 << 30
 # How often an elastic run checks whether more workers fit (Ray's default is 60 s).
 ELASTIC_RESIZE_CHECK_S = float(os.environ.get("RAY_APP_ELASTIC_RESIZE_CHECK_S", "30"))
 
@@ -116,7 +118,7 @@ def build_trainer(cfg: Config, method: TrainingMethod, data: PreparedData, plan:
     """`callbacks`: more Ray Train `UserCallback`s, e.g. Tune's metric forwarder for a trial."""
     # Train sequences are read by the workers themselves in a fixed order (exact resume);
     # eval records go through Ray Data's split.
-    datasets = {"eval": data.split("eval")} if plan["has_eval"] else {}
+    datasets = {"eval": eval_dataset(data)} if plan["has_eval"] else {}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan, "method": method,
@@ -143,6 +145,17 @@ def build_trainer(cfg: Config, method: TrainingMethod, data: PreparedData, plan:
         ),
         datasets=datasets,
     )
+
+
+def eval_dataset(data: PreparedData) -> ray.data.Dataset:
+    """The eval split, held in Ray's object store when it is small enough: every eval then
+    reads blocks already in memory instead of starting a read of the files, which costs
+    seconds each time. A large eval set streams from its files."""
+    split = data.split("eval")
+    report = data.report
+    columns = 4 if report.record_kind == "pairs" else 2
+    most_bytes = report.eval_records * report.max_seq_len * columns * 8  # int64 token ids
+    return split.materialize() if most_bytes <= EVAL_IN_MEMORY_BYTES else split
 
 
 def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[str, Any]:
