@@ -87,6 +87,12 @@ class PreparedData:
                    else ["input_ids", "labels"] + (["position_ids"] if name == "train" else []))
         return ray.data.read_parquet(f"{self.path}/{name}").select_columns(columns)
 
+    def eval_bytes_at_most(self) -> int:
+        """An upper bound of the eval split's size in memory: int64 token ids, every record
+        max_seq_len long."""
+        columns = len(PAIR_COLUMNS) if self.report.record_kind == "pairs" else 2
+        return self.report.eval_records * self.report.max_seq_len * columns * 8
+
     def train_stream(self) -> TrainStream:
         """The train sequences in the reproducible per-rank order of `ray_app.data.order`."""
         index = json.loads(storage.read_text(f"{self.path}/train_index.json"))

@@ -152,10 +152,7 @@ def eval_dataset(data: PreparedData) -> ray.data.Dataset:
     reads blocks already in memory instead of starting a read of the files, which costs
     seconds each time. A large eval set streams from its files."""
     split = data.split("eval")
-    report = data.report
-    columns = 4 if report.record_kind == "pairs" else 2
-    most_bytes = report.eval_records * report.max_seq_len * columns * 8  # int64 token ids
-    return split.materialize() if most_bytes <= EVAL_IN_MEMORY_BYTES else split
+    return split.materialize() if data.eval_bytes_at_most() <= EVAL_IN_MEMORY_BYTES else split
 
 
 def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[str, Any]:
