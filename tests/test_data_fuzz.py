@@ -332,7 +332,7 @@ ANCHOR = [json.dumps({"text": f"Anchor record {i}: always trainable."}).encode()
 
 
 @pytest.mark.ray
-@settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+@settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(corpus=st.lists(shards(), min_size=1, max_size=8))
