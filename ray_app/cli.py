@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, console)
     except UserError as err:
         # The message is plain text: `pip install 'ray-app[k8s]'` must not read as markup.
-        console.print(f"[bold red]Error:[/bold red] {escape(redact(str(err)))}", highlight=False)
+        console.print(f"[bold red]Error:[/bold red] {escape(redact(str(err)))}", highlight=False,
+                      soft_wrap=True)  # one line: paths and commands stay copyable
         return 2
     except KeyboardInterrupt:
         console.print("Interrupted. Rerun the same command to resume from the last checkpoint.")
