@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -99,6 +100,37 @@ def _check_format(value: Any) -> Any:
                      "detects each file's format; preference is prompt/chosen/rejected pairs)")
 
 
+HUB_PREFIX = "hf://datasets/"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id_problem(path: str) -> str:
+    """Why `path` is not a usable Hub id ('' when it is one)."""
+    if not path.startswith(HUB_PREFIX):
+        rest = path.removeprefix("hf://")
+        if rest.startswith(("models/", "spaces/", "buckets/")):
+            return (f"{path!r} is not a dataset: only dataset repositories are data sources "
+                    "(hf://datasets/ORG/NAME)")
+        return f"write the Hub dataset {path!r} as hf://datasets/ORG/NAME (e.g. {HUB_PREFIX}{rest})"
+    repo = path[len(HUB_PREFIX):].rstrip("/")
+    if "@" in repo:
+        name, rev = repo.split("@", 1)
+        return (f"{path!r}: give the revision as its own key, not in the id: "
+                f"{{path: {HUB_PREFIX}{name}, revision: {rev}}}")
+    if not _HUB_ID.fullmatch(repo):
+        return (f"{path!r}: a Hub id names one whole dataset, ORG/NAME (letters, digits, '-', "
+                "'_', '.'); choose its files with subset: and split:, not a path inside it")
+    return ""
+
+
+def _check_hub_ids(paths: list[str]) -> list[str]:
+    for path in paths:
+        problem = hub_id_problem(path) if path.startswith("hf://") else ""
+        if problem:
+            raise ValueError(problem)
+    return paths
+
+
 def _one_of(values: tuple[str, ...]) -> str:
     return ", ".join(map(repr, values[:-1])) + f" or {values[-1]!r}"
 
@@ -118,11 +150,36 @@ class SourceSpec(_Section):
         1.0, gt=0, le=1000,
         description="Sampling weight: 2 = every record twice per epoch, 0.5 = half of them.",
     )
+    split: str | None = Field(
+        None, min_length=1, description="Split of a save_to_disk DatasetDict or hf:// dataset; "
+        "default train (validation, else test, in data.eval).",
+    )
+    subset: str | None = Field(
+        None, min_length=1, description="Subset (config name) of an hf:// dataset; default its "
+        "default subset.",
+    )
+    revision: str | None = Field(
+        None, min_length=1, description="Branch, tag or commit of an hf:// dataset; default main.",
+    )
 
     @field_validator("path", mode="before")
     @classmethod
     def _one_path_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _hub_ids_are_valid(cls, value: list[str]) -> list[str]:
+        return _check_hub_ids(value)
+
+    @field_validator("subset", "revision")
+    @classmethod
+    def _hub_keys_need_hub_ids(cls, value: str | None, info: ValidationInfo) -> str | None:
+        others = [p for p in info.data.get("path", []) if not p.startswith("hf://")]
+        if value is not None and others:
+            raise ValueError(f"{info.field_name} applies to hf://datasets/ORG/NAME ids only, and "
+                             f"{others[0]!r} is not one: give that path a source of its own")
+        return value
 
     @field_validator("format", mode="before")
     @classmethod
@@ -138,8 +195,9 @@ class SourceSpec(_Section):
 class DataSection(_Section):
     train: list[str | SourceSpec] = Field(
         ..., min_length=1,
-        description="JSONL(.gz/.zst) files, folders, globs, s3:// gs:// URIs, or sources "
-        "{path, format, fields, weight}.",
+        description="JSONL(.gz/.zst), Parquet or Arrow files, folders (save_to_disk too), "
+        "globs, s3:// gs:// URIs, hf://datasets/ORG/NAME, or sources "
+        "{path, format, fields, weight, split, subset, revision}.",
     )
     eval: list[str | SourceSpec] = Field(
         default_factory=list, description="Eval shards; empty = split off eval_fraction."
@@ -183,6 +241,12 @@ class DataSection(_Section):
     @classmethod
     def _one_path_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, dict)) else value
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _hub_ids_are_valid(cls, value: list[str | SourceSpec]) -> list[str | SourceSpec]:
+        _check_hub_ids([v for v in value if isinstance(v, str)])
+        return value
 
     @field_validator("format", mode="before")
     @classmethod

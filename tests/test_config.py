@@ -219,7 +219,7 @@ def test_a_search_space_value_that_breaks_a_rule_between_sections_is_named():
 def test_a_source_mapping_is_reported_as_written_with_its_own_keys():
     msg = _error({"data": {"train": ["x"], "eval": {"path": "e.jsonl", "wieght": 2}}})
     assert ("data.eval.0.wieght: unknown key in section 'data.eval.0'; did you mean 'weight'? "
-            "Allowed: path, format, fields, weight.") in msg
+            "Allowed: path, format, fields, weight, split, subset, revision.") in msg
     assert ".str" not in msg and "SourceSpec" not in msg
 
 

@@ -6,7 +6,9 @@ number and the file's format (given, or detected from its first lines), so that 
 is lost and every reject can be reported precisely. Compression (.gz, .zst) follows the
 file name and is decoded by `ray_app.data.decompress`: a truncated or corrupt file keeps
 its lines up to the break, and the break is one more line, carrying the reason in `error`.
-Object-storage URIs go through pyarrow's filesystems.
+Parquet and Arrow shards (Hugging Face datasets) are read by `ray_app.data.tables`, each row
+as the JSON line of its columns. Object-storage URIs go through pyarrow's filesystems, Hub
+(hf://) files through `huggingface_hub.HfFileSystem`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
 from ray_app.data.decompress import StreamBreak, codec_of, decompressed
 from ray_app.data.formats import detect_format
+from ray_app.data.tables import is_table, table_rows
 
 ROWS_PER_BLOCK = 2048
 DETECT_LINES = 50  # lines looked at to detect a file's format
@@ -55,9 +58,18 @@ class JsonlLinesDatasource(FileBasedDatasource):
     def resolve_compression(self, path: str, open_args: dict) -> None:
         return None  # raw bytes: `_read_stream` decompresses, so a broken file is a reject
 
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        if is_table(path):  # Parquet and Arrow files need random access
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[Block]:
         meta = self._meta.get(path) or self._meta[uri_tail(path)]
-        lines = _lines(decompressed(_raw_reader(f), codec_of(path)), self._max_bytes)
+        if is_table(path):
+            lines = (Line._make(row) for row in table_rows(f, path, self._max_bytes,
+                                                           tuple(_transient_errors())))
+        else:
+            lines = _lines(decompressed(_raw_reader(f), codec_of(path)), self._max_bytes)
         head: list[Line] = []
         fmt = meta.format
         if fmt == "auto":
@@ -122,9 +134,7 @@ def _raw_reader(f: pa.NativeFile):
     a file removed while being read) ends the file with a reported break instead of failing
     the whole read; the transient ones (DataContext.retried_io_errors) are raised for Ray
     Data to retry the file."""
-    from ray.data.context import DataContext
-
-    transient = DataContext.get_current().retried_io_errors
+    transient = _transient_errors()
 
     def read(n: int) -> bytes:
         try:
@@ -135,6 +145,12 @@ def _raw_reader(f: pa.NativeFile):
             raise StreamBreak(f"file could not be read: {err}") from None
 
     return read
+
+
+def _transient_errors() -> list[str]:
+    from ray.data.context import DataContext
+
+    return list(DataContext.get_current().retried_io_errors)
 
 
 def _lines(chunks: Iterable[bytes], max_bytes: int) -> Iterator[Line]:

@@ -1,6 +1,6 @@
 """The data path: shards -> validated, tokenized, deduplicated, packed training sequences.
 
-    read JSONL lines (every line kept, with file and line)
+    read JSONL lines, Parquet/Arrow rows (every one kept, with file and line)
       -> parse, validate, render, mask, tokenize      (actor pool)      -> records/
       -> exact duplicates found by content hash       (groupby)
       -> per-source weights, packing                  (map_batches)     -> train/, eval/
@@ -36,7 +36,8 @@ from ray.data.expressions import col
 
 from ray_app.config import BUILTIN_TINY_LLAMA, Config
 from ray_app.data import storage
-from ray_app.data.jsonl_datasource import FileMeta, JsonlLinesDatasource
+from ray_app.data.hub import hub_pyarrow_filesystem
+from ray_app.data.jsonl_datasource import FileMeta, JsonlLinesDatasource, uri_tail
 from ray_app.data.order import CHUNK_ROWS, COLUMNS, PAIR_COLUMNS, TrainStream, index_chunks
 from ray_app.data.pack import pack_batch, pair_batch
 from ray_app.data.report import DataReport, SourceCounts, report_from_counts
@@ -127,7 +128,8 @@ def resolve_shards(cfg: Config) -> list[Shard]:
     found: dict[str, tuple[str, object]] = {}
     for which in ("eval", "train"):
         for spec in cfg.data.sources(which):
-            for path in expand_sources(spec.path, f"data.{which}"):
+            for path in expand_sources(spec.path, f"data.{which}", split=spec.split,
+                                       subset=spec.subset, revision=spec.revision, role=which):
                 found.setdefault(path, (which, spec))
     shards = []
     for source_id, path in enumerate(sorted(found, key=lambda p: (found[p][0] == "eval", p))):
@@ -334,10 +336,14 @@ def read_lines(shards: list[Shard], max_record_bytes: int) -> ray.data.Dataset:
     by_scheme: dict[str, list[Shard]] = {}
     for s in shards:
         by_scheme.setdefault(s.path.split("://")[0] if storage.is_uri(s.path) else "", []).append(s)
-    parts = [ray.data.read_datasource(
-        JsonlLinesDatasource([s.path for s in group], {s.path: s.meta for s in group},
-                             max_record_bytes), num_cpus=0.25)
-        for group in by_scheme.values()]
+    parts = []
+    for scheme, group in by_scheme.items():
+        # Hub files go through HfFileSystem, which pyarrow cannot find from a URI itself.
+        hub = {"filesystem": hub_pyarrow_filesystem()} if scheme == "hf" else {}
+        paths = [uri_tail(s.path) if hub else s.path for s in group]
+        parts.append(ray.data.read_datasource(
+            JsonlLinesDatasource(paths, {s.path: s.meta for s in group}, max_record_bytes, **hub),
+            num_cpus=0.25))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 

@@ -1,4 +1,5 @@
-"""Local paths and object-storage URIs (s3://, gs://, abfs://) through pyarrow filesystems.
+"""Local paths and object-storage URIs (s3://, gs://, abfs://) through pyarrow filesystems,
+and Hugging Face Hub files (hf://) through huggingface_hub's.
 
 Credentials come from each filesystem's usual environment and config files (AWS_*
 variables and ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...); they are never logged.
@@ -22,6 +23,10 @@ def is_uri(path: str) -> bool:
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
+    if uri.startswith("hf://"):
+        from ray_app.data.hub import hub_pyarrow_filesystem
+
+        return hub_pyarrow_filesystem(), uri.removeprefix("hf://")
     if is_uri(uri):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
