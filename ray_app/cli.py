@@ -76,89 +76,83 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from ray_app.config import STORAGE_ENV, load_config, resolve_run_path
+    from ray_app.api import load_config
+    from ray_app.config import STORAGE_ENV, resolve_run_path
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # validated before Ray starts
     if args.output:
         cfg.run.output_dir = resolve_run_path(args.output, "--output", os.environ.get(STORAGE_ENV))
-    from ray_app.train.methods import method_for
-
-    method_for(cfg)  # an unknown train.method fails here, before Ray starts
     return cfg
 
 
 def cmd_train(args, console: Console) -> int:
-    cfg = _load(args)  # validated before Ray starts
+    from ray_app import api
     from ray_app.extras import check_packages
+    from ray_app.ray_session import is_dashboard_address
 
+    cfg = _load(args)
     check_packages(cfg)  # a missing package is named before Ray starts, too
-    from ray_app.ray_session import connect, is_dashboard_address
-
     if is_dashboard_address(args.address):
-        from ray_app.submit import submit_and_follow
-
-        return submit_and_follow(args, console)
-    dashboard = connect(args.address, args.num_cpus, args.verbose)
-    if dashboard:
-        console.print(f"Ray dashboard: http://{dashboard}")
-    from ray_app.ray_session import on_cluster
-    from ray_app.summary import render_summary
-    from ray_app.train.run import run_training
-
-    summary = on_cluster(run_training, cfg, console)
-    render_summary(summary, console, cfg.output_path() / "run_summary.json")
-    return 0 if summary["status"] == "succeeded" else 1
+        return _submit_and_follow(args, console, "train")
+    result = api.train(cfg, args.address, num_cpus=args.num_cpus, console=console,
+                       verbose=args.verbose)
+    result.render(console)
+    return 0 if result.succeeded else 1
 
 
 def cmd_tune(args, console: Console) -> int:
-    cfg = _load(args)  # validated, search space included, before Ray starts
-    from ray_app.ray_session import connect, is_dashboard_address
-    from ray_app.tune.study import check_study, run_study
+    from ray_app import api
+    from ray_app.ray_session import is_dashboard_address
+    from ray_app.tune.study import check_study
 
+    cfg = _load(args)
     check_study(cfg)  # search space, packages, optuna: before Ray starts
     if is_dashboard_address(args.address):
-        from ray_app.submit import submit_and_follow
-
-        return submit_and_follow(args, console, "tune")
-    dashboard = connect(args.address, args.num_cpus, args.verbose)
-    if dashboard:
-        console.print(f"Ray dashboard: http://{dashboard}")
-    summary = run_study(cfg, console, resume=args.resume)
+        return _submit_and_follow(args, console, "tune")
+    summary = api.tune(cfg, args.address, resume=args.resume, num_cpus=args.num_cpus,
+                       console=console, verbose=args.verbose)
     if summary["status"] != "finished":
         return 130
     return 0 if summary["best"] else 1
 
 
 def cmd_submit(args, console: Console) -> int:
-    import os
-
-    from ray_app.ray_session import is_dashboard_address
-    from ray_app.submit import submit_and_follow
-
     args.address = args.address or os.environ.get("RAY_ADDRESS")
-    if not is_dashboard_address(args.address):
-        raise UserError("ray-app submit needs the cluster's dashboard URL: --address "
-                        "http://HOST:8265 (or RAY_ADDRESS). On Kubernetes: kubectl port-forward "
-                        "svc/<cluster>-head-svc 8265:8265.")
-    _load(args)  # validated before anything is uploaded
-    return submit_and_follow(args, console, args.command)
+    return _submit_and_follow(args, console, args.command)
+
+
+def _submit_and_follow(args, console: Console, command: str) -> int:
+    """Submits the run as a Ray job, follows its logs, returns the job's exit status."""
+    from ray_app import api
+    from ray_app.submit import TERMINAL, follow_logs, run_coroutine
+
+    job = api.submit(args.config, args.address, command=command, overrides=args.overrides,
+                     storage=args.storage, output=args.output,
+                     resume=getattr(args, "resume", False), console=console)
+    try:
+        status = run_coroutine(follow_logs(job.client, job.job_id, console))
+    except KeyboardInterrupt:
+        console.print(f"Stopped following job {job.job_id}; the job keeps running on the "
+                      f"cluster. Follow it again: ray job logs {job.job_id} --follow --address "
+                      f"{job.address}. Stop it: ray job stop {job.job_id} --address "
+                      f"{job.address}.", highlight=False, soft_wrap=True)
+        return 130
+    console.print(f"Job {job.job_id} finished: {status}")
+    return TERMINAL.get(status, 1)
 
 
 def cmd_data(args, console: Console) -> int:
-    cfg = _load(args)
-    from ray_app.ray_session import connect
-
-    connect(args.address, args.num_cpus, args.verbose)
-    from ray_app.data.pipeline import prepare
+    from ray_app import api
     from ray_app.data.report import render_report
-    from ray_app.ray_session import on_cluster
-    from ray_app.train.methods import method_for
+    from ray_app.ray_session import is_dashboard_address
 
-    output = cfg.output_path()
-    with console.status("Reading, validating and tokenizing the data with Ray Data..."):
-        prepared = on_cluster(prepare, cfg, cfg.storage_uri(), output / "rejects",
-                              method_for(cfg).record_kind)
-    render_report(prepared.report, console, cached=prepared.cached, rejects_dir=output / "rejects")
+    cfg = _load(args)
+    if is_dashboard_address(args.address):
+        return _submit_and_follow(args, console, "data")
+    prepared = api.prepare_data(cfg, args.address, num_cpus=args.num_cpus, console=console,
+                                verbose=args.verbose)
+    rejects = cfg.output_path() / "rejects"
+    render_report(prepared.report, console, cached=prepared.cached, rejects_dir=rejects)
     console.print(f"Tokenized records: {prepared.path}")
     return 0
 
@@ -174,14 +168,12 @@ def register_eval(sub) -> None:
 
 
 def cmd_eval(args, console: Console) -> int:
+    from ray_app import api
+    from ray_app.export.evaluate import render_results
+
     cfg = _load(args)
-    from ray_app.export.evaluate import prepare_eval, render_results, run_eval
-
-    cfg, adapter = prepare_eval(cfg, args.adapter)  # checked before Ray starts
-    from ray_app.ray_session import connect
-
-    connect(args.address, args.num_cpus, args.verbose)
-    results = run_eval(cfg, adapter, console)
+    results = api.evaluate(cfg, args.adapter, args.address, num_cpus=args.num_cpus,
+                           console=console, verbose=args.verbose)
     render_results(results, console, cfg.output_path() / "eval")
     return 0
 
@@ -209,10 +201,10 @@ def register_merge(sub) -> None:
 
 
 def cmd_merge(args, console: Console) -> int:
-    from ray_app.export.merge import merge_adapter
+    from ray_app import api
 
-    result = merge_adapter(args.adapter, args.out, args.base, args.dtype, args.max_shard_size,
-                           args.tolerance, console)
+    result = api.merge(args.adapter, args.out, args.base, args.dtype, args.max_shard_size,
+                       args.tolerance, console)
     shards = sum(name.endswith(".safetensors") for name in result.files)
     console.print(f"Merged {args.adapter} into {result.base} ({result.dtype}): {result.out}\n"
                   f"Wrote {shards} safetensors shard(s), config.json and the tokenizer.\n"
@@ -248,28 +240,17 @@ def register_estimate(sub) -> None:
 def cmd_estimate(args, console: Console) -> int:
     import json
 
-    from ray_app.config import load_config
-    from ray_app.estimate import estimate, plan_from_config, recommend, to_json
-    from ray_app.estimate_report import liger_supported, model_shape, render
+    from ray_app import api
 
-    cfg = load_config(args.config, args.overrides)
-    for name in ("gpus", "batch", "seq_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.gpu_memory_gib <= 0:
-        raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib}")
-    shape = model_shape(cfg, args.model)
-    plan = plan_from_config(cfg, liger_auto=liger_supported(shape.model_type), method=args.method,
-                            strategy=args.strategy, gpus=args.gpus, batch=args.batch,
-                            seq_len=args.seq_len)
-    est = estimate(shape, plan)
-    rec = recommend(shape, plan, args.gpu_memory_gib)
+    result = api.estimate(args.config, overrides=args.overrides, model=args.model,
+                          method=args.method, strategy=args.strategy, gpus=args.gpus,
+                          batch=args.batch, seq_len=args.seq_len,
+                          gpu_memory_gib=args.gpu_memory_gib)
     if args.json:
-        print(json.dumps(to_json(shape, plan, est, rec), indent=1))
+        print(json.dumps(result.to_json(), indent=1))
     else:
-        render(shape, plan, est, rec, args.gpu_memory_gib, console)
-    return 0 if rec.fits else 1
+        result.render(console)
+    return 0 if result.fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,9 @@ from ray_app.errors import UserError
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray Train V2 writes its own status lines; keep them in the log files, not on the console.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# The dashboard's Train page (runs, workers, their logs) needs Ray Train's state actor. Read
+# by the process that builds the trainer: this driver, or the task of a Ray client session.
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 
 
 def is_dashboard_address(address: str | None) -> bool:
@@ -56,15 +59,23 @@ def connect(address: str | None, num_cpus: int | None = None, verbose: bool = Fa
 def on_cluster(fn, *args):
     """fn(*args) here, or, from a Ray client session, in a task on the cluster: Ray Data
     and Ray Train need a driver with a full Ray worker, which a client session lacks.
-    The task's console output stays in the cluster's logs; use `ray-app submit` to follow
-    long runs."""
+    `fn`'s result travels back; the task's console output stays in the cluster's logs
+    (`ray-app submit` / `ray_app.submit` follow long runs live)."""
     import ray
 
     if not ray.util.client.ray.is_connected():
         return fn(*args)
-    # The client's console cannot travel; the task prints to a plain one of its own.
-    args = tuple(Console(width=120) if isinstance(a, Console) else a for a in args)
-    return ray.get(ray.remote(num_cpus=0)(fn).remote(*args))
+    # A Console holds locks and cannot travel: the task makes a plain one of its own.
+    args = tuple(_ConsoleInTask() if isinstance(a, Console) else a for a in args)
+    return ray.get(ray.remote(num_cpus=0)(_in_task).remote(fn, *args))
+
+
+class _ConsoleInTask:
+    """Stands for the caller's Console in the arguments of an `on_cluster` task."""
+
+
+def _in_task(fn, *args):
+    return fn(*(Console(width=120) if isinstance(a, _ConsoleInTask) else a for a in args))
 
 
 def _quiet_console_handlers(logger_name: str) -> None:
@@ -75,7 +86,8 @@ def _quiet_console_handlers(logger_name: str) -> None:
 
 
 def _propagated_env() -> dict[str, str]:
-    keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+    keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+            "RAY_TRAIN_ENABLE_STATE_TRACKING")
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

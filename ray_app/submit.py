@@ -10,12 +10,15 @@ it starts; the same command again resumes the run from them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import os
 import shlex
 import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import yaml
@@ -24,62 +27,144 @@ from rich.console import Console
 from ray_app.errors import UserError
 from ray_app.secrets import redact, refuse_credentials
 
+if TYPE_CHECKING:
+    from ray_app.config import Config
+
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 # How long to keep re-attaching to a job whose dashboard stopped answering (a head restart).
 RECONNECT_S = float(os.environ.get("RAY_APP_SUBMIT_RECONNECT_S", "600"))
+# Every job's driver: the dashboard's Train page shows the run (Ray Train state tracking).
+JOB_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
 
 
-def submit_and_follow(args, console: Console, command: str = "train") -> int:
-    """Ships the resolved config with the job, runs `python -m ray_app COMMAND` on the
-    cluster (`--address auto`), prints the job id, dashboard URL and where the outputs will
-    be, follows the logs and returns the job's exit status."""
-    from ray_app.config import STORAGE_ENV, load_config
+def submit_job(cfg: Config, address: str, command: str = "train", *,
+               quickstart_overrides: list[str] | None = None, storage: str | None = None,
+               output: str | None = None, resume: bool = False,
+               console: Console | None = None) -> JobHandle:
+    """Submits `python -m ray_app COMMAND` (`--address auto`) as a Ray job and returns its
+    handle; prints the job id, dashboard URL and where the outputs will be.
+
+    The validated `cfg` travels as config.yaml in the job's working_dir, with its run paths
+    made absolute. `quickstart_overrides` (a list, possibly empty) instead runs the built-in
+    quickstart with those `--set`s, so that its bundled data is read from the cluster's own
+    installation."""
+    from ray_app.config import STORAGE_ENV
     from ray_app.train.lease import refuse_if_running
 
-    cfg = load_config(args.config, args.overrides)
-    location = (getattr(args, "storage", None) or os.environ.get(STORAGE_ENV)
-                or (os.getcwd() if is_on_this_machine(args.address) else None))
-    storage, output = job_paths(cfg.run.storage_path,
-                                args.output or cfg.run.output_dir or f"outputs/{cfg.run.name}",
-                                location)
-    if _reachable_here(storage):
-        refuse_if_running(storage, cfg.run.name)
-    paths = {"run.storage_path": storage, "run.output_dir": output}
+    console = console or Console()
+    location = storage or os.environ.get(STORAGE_ENV) or (
+        os.getcwd() if is_on_this_machine(address) else None)
+    storage_path, output_dir = job_paths(
+        cfg.run.storage_path, output or cfg.run.output_dir or f"outputs/{cfg.run.name}", location)
+    if _reachable_here(storage_path):
+        refuse_if_running(storage_path, cfg.run.name)
+    paths = {"run.storage_path": storage_path, "run.output_dir": output_dir}
     workdir = Path(tempfile.mkdtemp(prefix="ray_app_job_"))
     entry = ["python", "-m", "ray_app", command]
-    if args.config:
+    if quickstart_overrides is None:
         raw = cfg.model_dump(mode="json")
-        raw["run"].update(storage_path=storage, output_dir=output)
+        raw["run"].update(storage_path=storage_path, output_dir=output_dir)
         refuse_credentials(raw, "the job's working_dir (uploaded to the cluster)")
         (workdir / "config.yaml").write_text(yaml.safe_dump(raw))
         entry.append("config.yaml")
     else:
-        refuse_credentials({"--set": list(args.overrides)}, "the job's entrypoint")
-        entry += [a for o in args.overrides for a in ("--set", o)]
+        refuse_credentials({"--set": list(quickstart_overrides)}, "the job's entrypoint")
+        entry += [a for o in quickstart_overrides for a in ("--set", o)]
         entry += [a for key, value in paths.items() for a in ("--set", f"{key}={value}")]
-    if getattr(args, "resume", False):
+    if resume:
         entry.append("--resume")
     entry += ["--address", "auto"]
-    client = _client(args.address)
+    client = _client(address)
     job_id = client.submit_job(entrypoint=shlex.join(entry),
-                               runtime_env={"working_dir": str(workdir)})
-    dashboard = args.address.rstrip("/")
-    console.print(f"Submitted job {job_id}; dashboard: {dashboard}/#/jobs/{job_id}")
+                               runtime_env={"working_dir": str(workdir), "env_vars": JOB_ENV})
+    job = JobHandle(job_id, address.rstrip("/"), output_dir, storage_path, cfg.run.name, client)
+    console.print(f"Submitted job {job_id}; dashboard: {job.dashboard_url}")
     # One location per line, never wrapped: users copy these paths.
     console.print("Outputs, on the cluster's storage (the same command again resumes from them):")
-    for name, where in (("adapter", f"{output}/final"), ("summary", f"{output}/run_summary.json"),
-                        ("checkpoints", f"{redact(storage)}/{cfg.run.name}")):
+    for name, where in (("adapter", f"{output_dir}/final"),
+                        ("summary", f"{output_dir}/run_summary.json"),
+                        ("checkpoints", f"{redact(storage_path)}/{cfg.run.name}")):
         console.print(f"  {name} {where}", highlight=False, soft_wrap=True)
+    return job
+
+
+class JobHandle:
+    """A submitted Ray job: its status, logs and result, through Ray's Jobs SDK.
+
+    >>> job = ray_app.submit("my.yaml", address="http://head:8265")
+    >>> job.logs(follow=True)   # prints the logs until the job ends
+    >>> job.wait(), job.result()["eval"]["loss_final"]
+    """
+
+    def __init__(self, job_id: str, address: str, output_dir: str, storage: str, run_name: str,
+                 client=None):
+        self.job_id, self.address = job_id, address
+        self.output_dir, self.storage, self.run_name = output_dir, storage, run_name
+        self._client = client
+
+    @property
+    def client(self):
+        """The `ray.job_submission.JobSubmissionClient` of the job's dashboard."""
+        if self._client is None:
+            self._client = _client(self.address)
+        return self._client
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"{self.address}/#/jobs/{self.job_id}"
+
+    def status(self) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+        return str(self.client.get_job_status(self.job_id)).split(".")[-1]
+
+    def logs(self, follow: bool = False, console: Console | None = None) -> str:
+        """The job's logs so far; with `follow=True`, prints them as they come until the job
+        ends (re-attaching a dropped stream) and returns them whole."""
+        if follow:
+            run_coroutine(follow_logs(self.client, self.job_id, console or Console()))
+        return self.client.get_job_logs(self.job_id)
+
+    def wait(self, timeout: float | None = None, poll_s: float = 2.0) -> str:
+        """Blocks until the job ends and returns its final status; TimeoutError after
+        `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (status := self.status()) not in TERMINAL:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.job_id} still {status} after {timeout} s")
+            time.sleep(poll_s)
+        return status
+
+    def stop(self) -> bool:
+        """Asks Ray to stop the job; False when it had ended already."""
+        return bool(self.client.stop_job(self.job_id))
+
+    def result(self) -> dict[str, Any]:
+        """The run's `run_summary.json` (a train job's), read from the output folder the
+        job was given: a path this machine sees, or object storage."""
+        from ray_app.data import storage
+
+        path = f"{self.output_dir}/run_summary.json"
+        try:
+            return json.loads(storage.read_text(path))
+        except (FileNotFoundError, OSError) as err:
+            raise UserError(
+                f"No run summary at {path} ({type(err).__name__}); job {self.job_id} is "
+                f"{self.status()}. It is written when a train job ends, on the cluster's "
+                "storage: mount it here or use object storage to read it from this "
+                "machine.") from None
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r}, run={self.run_name!r}, {self.dashboard_url})"
+
+
+def run_coroutine(coro):
+    """asyncio.run, also from inside a running event loop (a Jupyter kernel has one)."""
     try:
-        status = asyncio.run(follow(client, job_id, console))
-    except KeyboardInterrupt:
-        console.print(f"Stopped following job {job_id}; the job keeps running on the cluster. "
-                      f"Follow it again: ray job logs {job_id} --follow --address {dashboard}. "
-                      f"Stop it: ray job stop {job_id} --address {dashboard}.", highlight=False,
-                      soft_wrap=True)
-        return 130
-    console.print(f"Job {job_id} finished: {status}")
-    return TERMINAL.get(status, 1)
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def job_paths(storage_path: str, output_dir: str, location: str | None) -> tuple[str, str]:
@@ -129,7 +214,7 @@ def _client(address: str):
         ) from None
 
 
-async def follow(client, job_id: str, console: Console) -> str:
+async def follow_logs(client, job_id: str, console: Console) -> str:
     """Prints the job's logs until it ends and returns its status. A dropped log stream
     (a network blip, a restarted head) is re-attached without printing a line twice."""
     printed = 0

@@ -4,7 +4,10 @@ each with one `trainer` slot), driven the way users drive one:
 - `ray job submit` of the training entrypoint, with its progress in the job logs and its
   training metrics on the head node's Prometheus endpoint;
 - `ray-app submit`, which follows the job and exits with its status;
-- a Ray client session (`ray://`) that runs the data report;
+- a Ray client session (`ray://`) that runs the data report, and trains through
+  `ray-app train --address ray://` and the Python API (the example notebook, executed
+  headlessly), the finished run then readable from the dashboard's Train API;
+- `ray_app.submit`'s JobHandle (in the notebook): status, logs, wait, result;
 - chaos: mid-run one worker node's raylet is killed (a spot node vanishing) and later a
   replacement node joins. The elastic job (1 to 2 workers) must still train the same
   samples in the same steps as the uninterrupted run, each once, lose at most one
@@ -78,6 +81,8 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(root / "home"),
                     "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                    # The dashboard's Train page, as the Helm chart sets it on every pod.
+                    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
                     # The head starts one client server per Ray client session and waits 30 s
                     # for it by default; on 2 busy cores that start can take longer.
                     "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180",
@@ -340,6 +345,74 @@ def test_a_ray_client_session_runs_the_data_report(cluster, small_data, tmp_path
     assert done.returncode == 0, (done.stdout + done.stderr
                                   + cluster.log_tails("ray_client_server*.err"))
     assert "Tokenized records:" in done.stdout and "total" in done.stdout
+
+
+def _client_config(cluster: LocalCluster, tmp: Path, data: Path, name: str) -> Path:
+    """A 2-step run on the two worker nodes, on the data the tests above tokenized."""
+    cfg = tiny_config(data, tmp, train={"max_steps": 2, "checkpoint_every": 2},
+                      scaling={"num_workers": 2,
+                               "resources_per_worker": {"CPU": 0.5, "trainer": 1}},
+                      run={"name": name, "storage_path": str(cluster.storage)})
+    config = tmp / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def _train_runs(cluster: LocalCluster) -> list[dict]:
+    """The Train runs the dashboard's Train page shows (Ray Train V2's state API)."""
+    request = urllib.request.Request(
+        f"{cluster.dashboard}/api/train/v2/runs/v1",
+        headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["train_runs"]
+
+
+@pytest.mark.timeout(600)
+def test_ray_app_train_through_a_ray_client_session_shows_on_the_dashboard(
+        cluster, small_data, tokenized, tmp_path):
+    config = _client_config(cluster, tmp_path, small_data, "client-train")
+    address = f"ray://127.0.0.1:{cluster.client_port}"
+    done = _ray_app(cluster, "train", str(config), "--address", address)
+    if done.returncode != 0 and "Starting Ray client server failed" in done.stdout:
+        done = _ray_app(cluster, "train", str(config), "--address", address)  # as above
+    assert done.returncode == 0, (done.stdout[-4000:] + done.stderr[-3000:]
+                                  + cluster.log_tails("ray_client_server*.err"))
+    assert "Run client-train: succeeded" in done.stdout
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["train"]["steps"] == 2
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    runs = {run["name"]: run for run in _train_runs(cluster)}
+    assert "client-train" in runs, sorted(runs)
+    assert runs["client-train"]["status"] == "FINISHED", runs["client-train"]
+
+
+@pytest.mark.timeout(900)
+def test_the_example_notebook_runs_against_the_cluster(cluster, small_data, tokenized,
+                                                       tmp_path):
+    """examples/quickstart.ipynb, executed headlessly as a user runs it: `ray_app.train`
+    over a Ray client session, its RunResult and loss curve, evaluate, merge, and
+    `ray_app.submit` followed to its result. A failing cell fails the test."""
+    config = _client_config(cluster, tmp_path, small_data, "notebook")
+    notebook = Path(__file__).parents[1] / "examples" / "quickstart.ipynb"
+    executed = tmp_path / "executed.ipynb"
+    # The executed notebook is written also when a cell fails: its outputs say why.
+    run = ("import nbclient, nbformat, sys; nb = nbformat.read(sys.argv[1], 4)\n"
+           "try:\n nbclient.NotebookClient(nb, timeout=600, kernel_name='python3', "
+           "resources={'metadata': {'path': sys.argv[3]}}).execute()\n"
+           "finally:\n nbformat.write(nb, sys.argv[2])")
+    env = {**cluster.env, "RAY_APP_ADDRESS": f"ray://127.0.0.1:{cluster.client_port}",
+           "RAY_APP_DASHBOARD": cluster.dashboard, "RAY_APP_EXAMPLE_CONFIG": str(config)}
+    done = subprocess.run([sys.executable, "-c", run, str(notebook), str(executed),
+                           str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=840, check=False)
+    outputs = executed.read_text() if executed.exists() else ""
+    assert done.returncode == 0, (done.stdout[-3000:] + done.stderr[-6000:] + outputs[-6000:]
+                                  + cluster.log_tails("ray_client_server*.err"))
+    outputs = json.dumps(json.loads(executed.read_text()))
+    assert "Run notebook: succeeded" in outputs  # the RunResult's table
+    assert "Merged into" in outputs and "SUCCEEDED" in outputs
+    job = json.loads((tmp_path / "out-job" / "run_summary.json").read_text())
+    assert job["status"] == "succeeded" and job["config"]["run"]["name"] == "notebook-job"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from ray_app.errors import UserError
-from ray_app.submit import follow, is_on_this_machine, job_paths
+from ray_app.submit import follow_logs, is_on_this_machine, job_paths
 
 
 def test_relative_outputs_go_under_the_given_storage(tmp_path):
@@ -68,7 +68,7 @@ def test_a_dropped_log_stream_is_reattached_without_repeating_a_line(monkeypatch
     lines = [f"step {i}/10\n" for i in range(1, 11)]
     jobs = FakeJobs(lines)
     console = Console(record=True, width=100)
-    assert asyncio.run(follow(jobs, "job-1", console)) == "SUCCEEDED"
+    assert asyncio.run(follow_logs(jobs, "job-1", console)) == "SUCCEEDED"
     text = console.export_text()
     assert [ln for ln in text.splitlines() if ln.startswith("step")] == [ln.strip() for ln in lines]
     assert text.count("re-attaching") == 2 and jobs.streams >= 3

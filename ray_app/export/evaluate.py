@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ray_app.config import BUILTIN_TINY_LLAMA, Config
+from ray_app.display import status
 from ray_app.errors import UserError
 from ray_app.export.adapter import Adapter, check_fits, load_base_config, read_adapter
 from ray_app.export.metrics import generation_scores, rouge_l
@@ -61,7 +62,7 @@ def run_eval(cfg: Config, adapter: Adapter, console: Console) -> dict[str, Any]:
 
     started = time.perf_counter()
     output = cfg.output_path()
-    with console.status("Reading, validating and tokenizing the data with Ray Data..."):
+    with status(console, "Reading, validating and tokenizing the data with Ray Data..."):
         # Sequences whatever train.method is: a preference record is scored on its prompt
         # and chosen answer (its supervised view), like every other record.
         data = prepare(cfg, cfg.storage_uri(), output / "rejects")
@@ -81,7 +82,7 @@ def run_eval(cfg: Config, adapter: Adapter, console: Console) -> dict[str, Any]:
         # Fractional CPUs leave room for Ray Data's read tasks on small machines.
         **({"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 0.5}),
     )
-    with console.status(f"Scoring eval records with the base and the adapter on "
+    with status(console, f"Scoring eval records with the base and the adapter on "
                         f"{actor_count(cfg)} {'GPU' if use_gpu else 'CPU'} actor(s)..."):
         rows = scored.take_all()
     results = summarise(rows, cfg, adapter)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from ray_app.display import status
 from ray_app.errors import UserError
 from ray_app.export.adapter import Adapter, check_fits, load_base_config, read_adapter
 
@@ -74,7 +75,7 @@ def merge_adapter(adapter_dir: str, out: str, base: str | None, dtype: str,
     expected = _logits(model, inputs)
     staging = out_path.with_name(out_path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    with console.status(f"Merging into {base} ({str(torch_dtype).removeprefix('torch.')})..."):
+    with status(console, f"Merging into {base} ({str(torch_dtype).removeprefix('torch.')})..."):
         merged = model.merge_and_unload()
         merged.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)

@@ -1,7 +1,8 @@
 """Live progress on the driver's console, and the record of restarts.
 
 Rank 0 pushes its reported metrics to a small actor; the driver polls it and renders a
-rich progress bar (on a terminal) or one log line per report (in `ray job submit` logs).
+rich progress bar (on a terminal, or in Jupyter with ipywidgets) or one plain line per
+report (in `ray job submit` logs, in a notebook without ipywidgets).
 Ray Train's controller tells the same actor about every worker-group failure
 (`FailureRecorder`), so each restart is shown as it happens and recorded with its cause,
 the step it resumed from and how long recovery took.
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typing_extensions import Self
 
+from ray_app.display import live
 from ray_app.errors import UserError
 
 # Reported metric -> Ray metric (shown in the dashboard's metrics view; Prometheus adds the
@@ -150,7 +152,7 @@ class ProgressDisplay:
         self._seen = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self.live = console.is_terminal
+        self.live = live(console)  # else one plain line per report (job logs, notebooks)
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),

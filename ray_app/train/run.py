@@ -18,6 +18,7 @@ from ray_app.config import Config
 from ray_app.data.pipeline import PreparedData, prepare, tokenizer_path
 from ray_app.data.report import render_report
 from ray_app.data.tokenize import load_tokenizer
+from ray_app.display import status
 from ray_app.errors import UserError
 from ray_app.extras import check_packages
 from ray_app.model.prepare import check_tokenizer, materialise_builtin
@@ -63,7 +64,7 @@ def _train(cfg: Config, console: Console, tokenizer, output: Path,
            on_metrics: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     if check_run_identity(cfg):
         console.print(f"Run {cfg.run.name!r} exists in {redact(cfg.storage_uri())}: resuming it.")
-    with console.status("Reading, validating and tokenizing the data with Ray Data..."):
+    with status(console, "Reading, validating and tokenizing the data with Ray Data..."):
         data = prepare(cfg, cfg.storage_uri(), output / "rejects", method_for(cfg).record_kind)
     cfg = materialise_builtin(cfg, tokenizer, output)
     render_report(data.report, console, cached=data.cached, rejects_dir=output / "rejects")

@@ -25,6 +25,7 @@ from ray_app.config import Config
 from ray_app.data import storage
 from ray_app.data.pipeline import prepare
 from ray_app.data.report import render_report
+from ray_app.display import status
 from ray_app.errors import MissingPackage, UserError
 from ray_app.extras import check_installed, check_packages, require
 from ray_app.model.prepare import check_tokenizer, materialise_builtin
@@ -86,7 +87,7 @@ def _study(cfg: Config, console: Console, resume: bool, callbacks: Sequence[tune
            tokenizer, output: Path) -> dict[str, Any]:
     path = study_path(cfg)
     restoring = _check_study(cfg, path, resume)
-    with console.status("Reading, validating and tokenizing the data with Ray Data..."):
+    with status(console, "Reading, validating and tokenizing the data with Ray Data..."):
         data = prepare(cfg, cfg.storage_uri(), output / "rejects", method_for(cfg).record_kind)
     render_report(data.report, console, cached=data.cached, rejects_dir=output / "rejects")
     model = materialise_builtin(cfg, tokenizer, output).model
