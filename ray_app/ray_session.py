@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -86,9 +87,25 @@ def _quiet_console_handlers(logger_name: str) -> None:
 
 
 def _propagated_env() -> dict[str, str]:
+    """The settings this driver passes to the cluster's workers (Ray Train's controller
+    reads them there). Inside a Ray job, a variable the job's own runtime env sets is left
+    out: Ray refuses a driver whose runtime env repeats a key of the job's."""
     keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH",
             "RAY_TRAIN_ENABLE_STATE_TRACKING")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+    return {k: os.environ[k] for k in keys if k in os.environ and k not in _job_env_vars()}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (`ray job submit --runtime-env-json`,
+    `ray-app submit`); empty outside a job."""
+    # The job manager hands its driver the job's config in this variable.
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

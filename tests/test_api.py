@@ -28,6 +28,24 @@ def test_import_ray_app_stays_cheap_and_lists_the_api():
         assert name in done.stdout
 
 
+def test_api_functions_named_like_subpackages_leave_the_subpackages_importable():
+    """`ray_app.train`, `.tune`, `.estimate` and `.submit` are API functions and also the
+    names of modules: both uses work, in whichever order they are imported."""
+    code = ("import inspect, ray_app.train.loop as loop, ray_app\n"
+            "from unittest import mock\n"
+            "assert ray_app.train.loop is loop and callable(ray_app.train)\n"
+            "assert 'address' in inspect.signature(ray_app.train).parameters\n"
+            "with mock.patch('ray_app.tune.study.run_study'): pass\n"
+            "import ray_app.estimate as memory, ray_app.submit as jobs\n"
+            "assert callable(ray_app.submit) and jobs.JobHandle is ray_app.JobHandle\n"
+            "assert memory.estimate is not ray_app.estimate\n"
+            "print(type(ray_app.estimate(None, gpus=1)).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "EstimateResult"
+
+
 def test_load_config_takes_a_dict_or_a_path_with_overrides_and_validates_like_the_cli(tmp_path):
     cfg = ray_app.load_config({"data": {"train": ["x.jsonl"]}}, ["train.lr=1e-4"])
     assert cfg.train.lr == 1e-4 and cfg.data.train == ["x.jsonl"]

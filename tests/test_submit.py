@@ -76,3 +76,29 @@ def test_a_dropped_log_stream_is_reattached_without_repeating_a_line(monkeypatch
 
 async def _no_wait(_seconds):
     return None
+
+
+def test_a_job_driver_does_not_repeat_the_jobs_own_env_vars(monkeypatch):
+    """Inside a Ray job whose runtime env sets one of the variables the driver propagates
+    (as `ray-app submit` and `ray job submit --runtime-env-json` do), Ray must be able to
+    merge the job's runtime env with the driver's: it refuses a repeated key."""
+    import json
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env  # what ray.init does
+
+    from ray_app.ray_session import _propagated_env
+
+    job_env = {"working_dir": "gcs://_ray_pkg_x.zip",
+               "env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}}
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Outside a job nothing is left out, and the same keys would clash:
+    assert _merge_runtime_env(job_env, {"env_vars": _propagated_env()}) is None
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
+    driver = {"env_vars": _propagated_env()}
+    assert "RAY_TRAIN_ENABLE_STATE_TRACKING" not in driver["env_vars"]
+    assert driver["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
+    merged = _merge_runtime_env(job_env, driver)
+    assert merged is not None
+    assert merged["env_vars"]["RAY_TRAIN_ENABLE_STATE_TRACKING"] == "1"
+    assert merged["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
