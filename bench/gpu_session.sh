@@ -4,6 +4,8 @@
 # tests:      the GPU-only tests (tests/test_gpu.py) -> OUT/gpu_tests.txt
 # offload:    the quickstart on one GPU with DeepSpeed ZeRO-3 and optimizer offload
 #             -> OUT/ds_offload.txt, OUT/ds_offload_summary.json
+# fp8:        bench/gpu_fp8.py (FP8 frozen base: matmuls, 1B quality and speed, restart)
+#             and tests/test_fp8.py -> OUT/gpu_fp8.json, OUT/gpu_tests_fp8.txt
 # throughput: the 8B shape, q,k,v,o, batch 8, Liger + compile: ray-app, the plain loop of its
 #             model stack, and the common recipe -> OUT/gpu_throughput.json / .md
 set -uo pipefail
@@ -26,6 +28,10 @@ for what in "$@"; do
       python bench/gpu_throughput.py --models 8b --data fixed --out "$out" --work /tmp/gt \
         --ray-variants liger+compile:8 --plain-variants liger+compile:8 --deadline-s 420 \
         2>&1 | tee "$out/throughput.log" ;;
+    fp8)
+      python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 micro quality restart \
+        2>&1 | tee "$out/gpu_fp8.log"
+      python -m pytest -q -p no:cacheprovider tests/test_fp8.py 2>&1 | tee "$out/gpu_tests_fp8.txt" ;;
     *) echo "unknown check $what" >&2; exit 2 ;;
   esac
 done

@@ -99,7 +99,8 @@ SHAPES: dict[str, dict[str, Any]] = {
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
            "vocab_size": 128256, "tie_word_embeddings": False},
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_TARGETS: list[str] | str = ["q_proj", "k_proj", "v_proj", "o_proj"]  # --targets
+TARGET_SETS = {"qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"}
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 LEN_MIN = 16  # shortest variable-data record: a few tokens of text still train something
 
@@ -361,14 +362,15 @@ def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | N
                  compile_: bool, liger: str, quantization: str, checkpointing: str | int,
                  optimizer: str = "auto", attn: str = "sdpa", use_gpu: bool = True,
                  num_workers: int = 1, strategy: str = "ddp", worker_cpus: float | None = None,
-                 checkpoint_every: int = 10_000, max_failures: int = 0):
+                 checkpoint_every: int = 10_000, max_failures: int = 0,
+                 precision: str = "default", lr: float | None = None):
     """The ray_app config of a measurement (also the plain loop's model settings)."""
     from ray_app.config import validate_config
 
     raw = {
         "model": {"name_or_path": model_dir, "tokenizer": str(TOKENIZER), "dtype": "bfloat16",
                   "attn_implementation": attn, "quantization": quantization,
-                  "liger": liger, "compile": compile_},
+                  "liger": liger, "compile": compile_, "precision": precision},
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT,
                  "target_modules": LORA_TARGETS},
         "data": {"train": [str(data_file)], "eval": [str(eval_file)] if eval_file else [],
@@ -377,7 +379,8 @@ def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | N
         "train": {"max_steps": steps, "batch_size_per_worker": batch, "grad_accum_steps": 1,
                   "log_every": log_every, "eval_every": 0, "checkpoint_every": checkpoint_every,
                   "activation_checkpointing": checkpointing, "optimizer": optimizer,
-                  "warmup_ratio": 0.0, "schedule": "constant"},
+                  "warmup_ratio": 0.0, "schedule": "constant",
+                  **({"lr": lr} if lr else {})},
         "scaling": {"num_workers": num_workers, "use_gpu": use_gpu, "strategy": strategy,
                     "resources_per_worker": ({"CPU": worker_cpus or 4, "GPU": 1} if use_gpu
                                              else {"CPU": worker_cpus or 1})},
@@ -389,7 +392,7 @@ def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | N
 
 def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile_: bool,
                     liger: str, quantization: str, checkpointing: str | int,
-                    optimizer: str = "auto", attn: str = "sdpa"):
+                    optimizer: str = "auto", attn: str = "sdpa", precision: str = "default"):
     """A function that runs one training step of ray_app's own model stack on random ids
     and returns its `StepResult`, without Ray Train, Ray Data, progress reports or
     checkpoints: the package's `load_base`, `apply_speedups`, `add_lora` and
@@ -408,7 +411,7 @@ def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile
     cfg = bench_config("plain", model_dir, work / "unused.jsonl", None, work, batch=batch,
                        seq=seq, steps=1, log_every=1, compile_=compile_, liger=liger,
                        quantization=quantization, checkpointing=checkpointing,
-                       optimizer=optimizer, attn=attn)
+                       optimizer=optimizer, attn=attn, precision=precision)
     device = torch.device("cuda")
     base = load_base(cfg.model, True, device)
     if quantization != "nf4":  # the 4-bit base is loaded onto the device already
@@ -416,7 +419,12 @@ def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile
     base = apply_speedups(base, cfg.model, cfg.train.activation_checkpointing, True)
     plan = StepPlan(micro_batches_per_epoch=1, steps_per_epoch=1, total_steps=1 << 30,
                     warmup_steps=0, has_eval=False)  # the bench config's constant schedule
-    engine = Engine(add_lora(base, cfg.lora), cfg, plan, Layout(device, 0, 1))
+    model = add_lora(base, cfg.lora)
+    if precision == "fp8":
+        from ray_app.model.fp8 import to_fp8_base
+
+        to_fp8_base(model, device)
+    engine = Engine(model, cfg, plan, Layout(device, 0, 1))
     engine.model.train()  # from_pretrained returns eval mode, as in the loop's set-up
     method = SFT(cfg)
     # Every row is a full --seq tokens, so the pad id is never used.
@@ -478,7 +486,8 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                 optimizer: str = "auto", attn: str = "sdpa",
                 use_gpu: bool = True, num_workers: int = 1, strategy: str = "ddp",
                 worker_cpus: float | None = None, checkpoint_every: int = 10_000,
-                max_failures: int = 0) -> dict[str, Any]:
+                max_failures: int = 0, precision: str = "default",
+                lr: float | None = None) -> dict[str, Any]:
     """One `run_training` of the bench's config; its reports, collected through
     `on_metrics`, give the wall-clock tokens/s between the reports of steps `warmup_steps`
     and the last before the final step, and the worker's memory peaks."""
@@ -499,7 +508,8 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                        quantization=quantization, checkpointing=checkpointing,
                        optimizer=optimizer, attn=attn, use_gpu=use_gpu, num_workers=num_workers,
                        strategy=strategy, worker_cpus=worker_cpus,
-                       checkpoint_every=checkpoint_every, max_failures=max_failures)
+                       checkpoint_every=checkpoint_every, max_failures=max_failures,
+                       precision=precision, lr=lr)
     reports: list[dict[str, Any]] = []
     started = time.perf_counter()
     summary = run_training(cfg, Console(file=sys.stderr, width=120), on_metrics=reports.append)
@@ -523,6 +533,15 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
         "timed_steps": steps_timed, "seconds": seconds, **worker_peaks(reports),
         "worker_mfu": last.get("mfu"),
         "run_wall_s": wall, "summary_tokens_per_s": summary["train"]["tokens_per_s"],
+        # The summary's own speed figures (ray_app.summary.speed), for the bench to check.
+        **{f"summary_{k}": summary["train"].get(k) for k in (
+            "tokens_per_s_whole_run", "warmup_s", "time_to_first_step_s", "train_seconds",
+            "tokens_seen", "mfu_peak")},
+        "eval_loss_initial": summary["eval"].get("loss_initial"),
+        "eval_loss_final": summary["eval"].get("loss_final"),
+        "curve": [{"step": m["step"], "loss": m.get("loss"), "eval_loss": m.get("eval_loss")}
+                  for m in reports if m.get("loss") is not None
+                  or m.get("eval_loss") is not None],
         "data_sequences": summary["data"].get("train_sequences")
         or summary["data"].get("train_records"),
         "packing_efficiency": summary["data"].get("packing_efficiency"),
@@ -554,12 +573,19 @@ class Results:
 
 def _ratio_key(r: dict[str, Any]) -> tuple:
     # GPUs differ (an H200's common recipe ran 5% faster than an H100's): ratios stay per device.
-    return r["model"], r.get("data", "fixed"), r["method"], r["device"]
+    return (r["model"], r.get("data", "fixed"), r["method"], r["device"],
+            r.get("targets", "qkvo"))
 
 
 def _ratio_baselines(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """The latest common-recipe row per (model, data, method, device)."""
     return {_ratio_key(r): r for r in rows if r["variant"] == "common_recipe"}
+
+
+def _model_cell(r: dict[str, Any]) -> str:
+    """The shape, and its LoRA targets when they are not q,k,v,o."""
+    targets = r.get("targets", "qkvo")
+    return r["model"] if targets == "qkvo" else f"{r['model']}, {targets}"
 
 
 def _data_cell(r: dict[str, Any]) -> str:
@@ -588,7 +614,8 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
         "# GPU training throughput",
         "",
         ("Tokens/s are real (non-pad) training tokens per second after warm-up, one GPU, "
-         "sequence length 2048, LoRA r=16 alpha=32 on q,k,v,o, bf16. MFU = tokens/s x useful "
+         "sequence length 2048, LoRA r=16 alpha=32 on q,k,v,o (or on every linear layer where "
+         "the model says all-linear), bf16 ('fp8 base': model.precision fp8). MFU = tokens/s x useful "
          "flops per token (`ray_app.train.flops.flops_per_token` of the shape with its "
          "adapter; recomputation not counted) / the bf16 matmul rate measured in the same "
          "run (see `bench/gpu_throughput.py`). 'x common' is tokens/s over that of the common "
@@ -620,7 +647,7 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {_data_cell(r)} | {r['variant']} | {r['method']} "
+            f"| {_model_cell(r)} | {_data_cell(r)} | {r['variant']} | {r['method']} "
             f"| {r.get('settings', '')} | {r['device']} | {r['batch']} "
             f"| {num(r['tokens_per_s'], ',.0f')} | {num(vs_common(r), '.2f')} "
             f"| {num(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f')}% "
@@ -641,7 +668,7 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
         for key, r in best.items():
             base = common[key]
             lines.append(
-                f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {base['tokens_per_s']:,.0f} "
+                f"| {_model_cell(r)} | {key[1]} | {key[2]} | {key[3]} | {base['tokens_per_s']:,.0f} "
                 f"| {r['tokens_per_s']:,.0f} | batch {r['batch']}, {r.get('settings', '')} "
                 f"| {r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
     lines += ray_overhead_lines(rows)
@@ -657,7 +684,7 @@ def ray_overhead_lines(rows: list[dict[str, Any]]) -> list[str]:
     for plain in (r for r in rows if r["variant"] == "plain_loop"):
         settings = plain["settings"].replace("no Ray", "Ray Train ddp")
         same = [r for r in rows if r["variant"] == "ray_app" and r["command"] == plain["command"]
-                and r["model"] == plain["model"] and r["batch"] == plain["batch"]
+                and _ratio_key(r) == _ratio_key(plain) and r["batch"] == plain["batch"]
                 and r.get("settings") == settings and r.get("data", "fixed") == "fixed"]
         pairs += [(plain, r) for r in same]
     if not pairs:
@@ -669,14 +696,14 @@ def ray_overhead_lines(rows: list[dict[str, Any]]) -> list[str]:
              "| model | settings | batch | plain loop tokens/s | ray_app tokens/s | overhead |",
              "|---|---|---:|---:|---:|---:|"]
     for plain, r in pairs:
-        lines.append(f"| {r['model']} | {plain['settings']} | {r['batch']} "
+        lines.append(f"| {_model_cell(r)} | {plain['settings']} | {r['batch']} "
                      f"| {plain['tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} "
                      f"| {(1 - r['tokens_per_s'] / plain['tokens_per_s']) * 100:.1f}% |")
     return lines
 
 
 VARIANT_OPTIONS = ("liger", "noliger", "compile", "qlora", "noeval", "ckpt", "nockpt",
-                   "adam8bit", "paged8bit", "fa2")
+                   "adam8bit", "paged8bit", "fa2", "fp8")
 OPTIMIZERS = {"adam8bit": "adamw_8bit", "paged8bit": "paged_adamw_8bit"}
 
 
@@ -694,7 +721,8 @@ def variant_settings(opts: str) -> dict[str, Any]:
     return {"qlora": qlora, "compile_": "compile" in given,
             "liger": "off" if "noliger" in given else "on",
             "with_eval": "noeval" not in given, "checkpointing": ckpt,
-            "optimizer": optimizer, "attn": "flash_attention_2" if "fa2" in given else "sdpa"}
+            "optimizer": optimizer, "attn": "flash_attention_2" if "fa2" in given else "sdpa",
+            "precision": "fp8" if "fp8" in given else "default"}
 
 
 def settings_text(v: dict[str, Any]) -> str:
@@ -702,6 +730,7 @@ def settings_text(v: dict[str, Any]) -> str:
             f"act. ckpt {v['checkpointing']}" + (", NF4 double quant" if v["qlora"] else "")
             + ("" if v["optimizer"] == "auto" else f", {v['optimizer']}")
             + ("" if v["attn"] == "sdpa" else f", {v['attn']}")
+            + (", fp8 base" if v.get("precision") == "fp8" else "")
             + ("" if v["with_eval"] else ", no eval data"))
 
 
@@ -732,6 +761,8 @@ def main() -> int:
     parser.add_argument("--common-qlora", action="store_true",
                         help="also time the common recipe on a 4-bit NF4 base")
     parser.add_argument("--ray-steps", type=int, default=40)
+    parser.add_argument("--targets", default="qkvo", choices=sorted(TARGET_SETS),
+                        help="LoRA target modules of every run: q,k,v,o or all linear layers")
     parser.add_argument("--deadline-s", type=float, default=1e9,
                         help="skip measurements that would start after this many seconds")
     parser.add_argument("--table", action="store_true", help="only rebuild the markdown table")
@@ -754,6 +785,9 @@ def main() -> int:
                 into.append((spec, opts, batch_text, variant_settings(opts)))
             except ValueError as err:
                 parser.error(f"{flag}: {err}")
+
+    global LORA_TARGETS
+    LORA_TARGETS = TARGET_SETS[args.targets]
 
     import torch
 
@@ -802,7 +836,8 @@ def main() -> int:
         for kind in kinds:
             data_file, eval_file, data_fields = data_files(kind)
             base = {"model": shape["name"], "gpus": 1, "device": device, "seq_len": args.seq,
-                    "data": kind, "matmul_tflops": round(tflops, 1), **data_fields}
+                    "data": kind, "matmul_tflops": round(tflops, 1), "targets": args.targets,
+                    **data_fields}
 
             def add(variant, method, strategy, batch, settings, m, base=base, shape=shape):
                 row = {**base, **{k: v for k, v in m.items() if k in ("mean_real_len",
@@ -863,7 +898,8 @@ def main() -> int:
                                        steps=15, compile_=v["compile_"], liger=v["liger"],
                                        quantization="nf4" if v["qlora"] else "none",
                                        checkpointing=v["checkpointing"],
-                                       optimizer=v["optimizer"], attn=v["attn"])
+                                       optimizer=v["optimizer"], attn=v["attn"],
+                                       precision=v["precision"])
                     add("plain_loop", "qlora" if v["qlora"] else "lora", "single-gpu", batch,
                         settings_text(v).replace("Ray Train ddp", "no Ray"), m)
                 except Exception as err:  # noqa: BLE001
@@ -878,7 +914,7 @@ def main() -> int:
                     continue
                 batch = int(batch_text or ray_batch[key])
                 while True:
-                    name = f"{key}-{kind}-{opts.replace('+', '-')}-b{batch}"
+                    name = f"{key}-{kind}-{args.targets}-{opts.replace('+', '-')}-b{batch}"
                     # A rerun of a name would resume its finished run instead of training.
                     for folder in (work / "storage" / name, work / "outputs" / name):
                         shutil.rmtree(folder, ignore_errors=True)
@@ -890,7 +926,7 @@ def main() -> int:
                             log_every=5, compile_=v["compile_"], liger=v["liger"],
                             quantization="nf4" if v["qlora"] else "none",
                             checkpointing=v["checkpointing"], optimizer=v["optimizer"],
-                            attn=v["attn"])
+                            attn=v["attn"], precision=v["precision"])
                         if kind == "variable":
                             m["seq_fill"] = m["tokens_per_step"] / (batch * args.seq)
                         # SFT evaluation skips full logits when Liger's fused loss is on.

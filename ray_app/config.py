@@ -59,6 +59,11 @@ class ModelSection(_Section):
         "RoPE); auto = on with GPUs for supported architectures."
     )
     compile: bool = Field(False, description="torch.compile each decoder layer.")
+    precision: Literal["default", "fp8"] = Field(
+        "default", description="fp8 = the frozen linears of the decoder layers multiply in "
+        "FP8 (weights quantised once at load, rowwise scales; LoRA and lm_head stay bf16); "
+        "needs GPUs with FP8 tensor cores (Ada, Hopper, Blackwell). default = model.dtype."
+    )
 
 
 class LoraSection(_Section):
@@ -68,19 +73,38 @@ class LoraSection(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear."
     )
+    use_dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output channel on top of LoRA's "
+        "direction (closer to full fine-tuning; slower steps)."
+    )
+    use_rslora: bool = Field(
+        False, description="rsLoRA: scale = alpha / sqrt(r) instead of alpha / r, so high "
+        "ranks keep learning."
+    )
+    init: str = Field(
+        "default", pattern=r"^(default|gaussian|orthogonal|pissa|pissa_niter_[0-9]+|olora)$",
+        description="Adapter init (PEFT init_lora_weights): default (B = 0), gaussian, "
+        "orthogonal, pissa, pissa_niter_<n> (fast SVD), olora. pissa/olora move the base's "
+        "principal part into the adapter; the exported adapter applies to the original base."
+    )
+
+    @property
+    def mutates_base(self) -> bool:
+        """PiSSA and OLoRA subtract their initial adapter from the base weights."""
+        return self.init.startswith(("pissa", "olora"))
 
 
 CHAT_ROLES = ("system", "user", "assistant")
 
 # The record formats, listed once: ray_app/data/formats.py reads each of them, and the
 # errors and `ray-app train --help` list them from here. `auto` detects each file's format.
-RecordFormat = Literal["text", "alpaca", "messages", "preference"]
+RecordFormat = Literal["text", "alpaca", "messages", "preference", "unpaired"]
 FormatSetting = Literal["auto", RecordFormat]
 FORMAT_SETTINGS: tuple[str, ...] = get_args(FormatSetting)
 
 
 STANDARD_FIELDS = ("text", "instruction", "input", "output", "system", "messages", "role",
-                   "content", "prompt", "chosen", "rejected")
+                   "content", "prompt", "chosen", "rejected", "completion", "label")
 
 
 def _check_fields(value: dict[str, str]) -> dict[str, str]:
@@ -97,7 +121,8 @@ def _check_format(value: Any) -> Any:
     hint = difflib.get_close_matches(str(value), FORMAT_SETTINGS, n=1)
     did = f"did you mean {hint[0]!r}? " if hint else ""
     raise ValueError(f"unknown record format; {did}Allowed: {_one_of(FORMAT_SETTINGS)} (auto "
-                     "detects each file's format; preference is prompt/chosen/rejected pairs)")
+                     "detects each file's format; preference is prompt/chosen/rejected pairs; "
+                     "unpaired is prompt/completion/label records for KTO)")
 
 
 HUB_PREFIX = "hf://datasets/"
@@ -302,14 +327,45 @@ class DpoSection(_Section):
         return self
 
 
+class OrpoSection(_Section):
+    beta: float = Field(0.1, gt=0, le=100, description="Weight of the odds-ratio term "
+                        "(lambda in the ORPO paper) beside the SFT loss on the chosen answer.")
+
+
+class SimpoSection(_Section):
+    beta: float = Field(2.0, gt=0, le=100, description="Scale of the length-normalised "
+                        "reward (the mean log-probability per answer token).")
+    gamma: float = Field(0.5, ge=0, le=100, description="Target reward margin between the "
+                         "chosen and the rejected answer.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of "
+                                   "flipped preference labels.")
+
+
+class KtoSection(_Section):
+    beta: float = Field(0.1, gt=0, le=100, description="Strength of the pull towards the "
+                        "reference (the base model with the adapter disabled).")
+    desirable_weight: float = Field(1.0, gt=0, le=100, description="Loss weight of "
+                                    "desirable completions (label: true).")
+    undesirable_weight: float = Field(1.0, gt=0, le=100, description="Loss weight of "
+                                      "undesirable completions (label: false).")
+
+
 class TrainSection(_Section):
     method: str = Field(
         "sft", pattern=r"^[a-z][a-z0-9_]*$",
-        description="sft: next-token loss on the trained tokens; dpo: preference "
-        "optimisation on prompt/chosen/rejected records (settings in train.dpo). "
+        description="sft: next-token loss on the trained tokens; dpo, orpo, simpo: preference "
+        "optimisation on prompt/chosen/rejected records; kto: on prompt/completion/label "
+        "records (or pairs, split in two). Settings in train.<method>. "
         "The methods are in ray_app/train/methods/."
     )
     dpo: DpoSection = Field(default_factory=DpoSection)
+    orpo: OrpoSection = Field(default_factory=OrpoSection)
+    simpo: SimpoSection = Field(default_factory=SimpoSection)
+    kto: KtoSection = Field(default_factory=KtoSection)
+    lora_plus_ratio: float | None = Field(
+        None, ge=1, le=1000, description="LoRA+: learning rate of the B matrices over that "
+        "of the A matrices (the paper suggests 16); null = the same rate."
+    )
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the train split.")
     max_steps: int | None = Field(
         None, gt=0, description="Optimizer steps; overrides epochs when set."
@@ -533,8 +589,10 @@ class TuneSection(_Section):
         default_factory=dict, description="Search space: dotted config key -> distribution "
         "({loguniform|uniform|randint: [low, high]} or {choice|grid: [values]}).",
     )
-    metric: Literal["eval_loss", "eval_perplexity", "loss"] = Field(
-        "eval_loss", description="Reported metric that ranks and stops trials."
+    metric: Literal["eval_loss", "eval_perplexity", "eval_reward_accuracy",
+                    "eval_reward_margin", "loss"] = Field(
+        "eval_loss", description="Reported metric that ranks and stops trials "
+        "(eval_perplexity: sft; eval_reward_*: the preference methods, with mode: max)."
     )
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     num_samples: int = Field(
@@ -686,6 +744,27 @@ def _gpu_only_kernels(cfg: Config) -> str | None:
     return None
 
 
+def _fp8_problem(cfg: Config) -> str | None:
+    """FP8 matmuls need a GPU, a bf16 base of plain linears, and an engine that keeps the
+    FP8 weights as they are (DeepSpeed casts every floating buffer to bf16)."""
+    m = cfg.model
+    if m.precision != "fp8":
+        return None
+    if not cfg.scaling.use_gpu:
+        return ("model.precision: fp8 needs scaling.use_gpu: true (FP8 matmuls run on GPU "
+                "tensor cores only): set scaling.use_gpu: true, or model.precision: default.")
+    if m.quantization != "none":
+        return (f"model.precision: fp8 and model.quantization: {m.quantization} both replace "
+                "the base's linears: use one (fp8 for speed, nf4 for memory).")
+    if m.dtype not in ("auto", "bfloat16"):
+        return (f"model.precision: fp8 computes in bf16 around the FP8 matmuls, so model.dtype "
+                f"{m.dtype} does not apply: set model.dtype: auto (or bfloat16).")
+    if cfg.scaling.strategy == "deepspeed":
+        return ("model.precision: fp8 works with scaling.strategy ddp or fsdp; DeepSpeed casts "
+                "the FP8 weights back to bf16: use scaling.strategy: fsdp (or ddp).")
+    return None
+
+
 def _sample_trace_needs_a_file_system(cfg: Config) -> str | None:
     storage = cfg.run.storage_path
     if cfg.run.record_samples and "://" in storage:
@@ -696,8 +775,24 @@ def _sample_trace_needs_a_file_system(cfg: Config) -> str | None:
 
 
 # Each takes the validated sections and returns the problem, or None.
+def _lora_variant_problem(cfg: Config) -> str | None:
+    """The LoRA variants PEFT cannot combine with the rest of the run."""
+    lora = cfg.lora
+    if lora.mutates_base and cfg.model.quantization != "none":
+        return (f"lora.init: {lora.init} subtracts the adapter's initial value from the base "
+                "weights, which a 4-bit base cannot hold exactly (PEFT refuses PiSSA on it; "
+                "OLoRA re-quantizes, so the exported adapter would not match the trained "
+                "model): use lora.init: default or gaussian with QLoRA, or "
+                "model.quantization: none.")
+    if lora.mutates_base and lora.use_dora:
+        return (f"lora.init: {lora.init} with lora.use_dora: the adapter is exported for the "
+                "original base by PEFT's PiSSA/OLoRA conversion, which keeps only the LoRA "
+                "matrices and would drop DoRA's magnitudes: use one of the two.")
+    return None
+
+
 _CROSS_SECTION_RULES = (_keep_best_needs_eval, _tune_metric_needs_eval, _gpu_only_kernels,
-                        _sample_trace_needs_a_file_system)
+                        _fp8_problem, _sample_trace_needs_a_file_system, _lora_variant_problem)
 
 
 def section_names() -> list[str]:

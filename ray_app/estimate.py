@@ -87,12 +87,20 @@ class Plan:
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
     attention: str = "sdpa"  # sdpa | flash_attention_2 | eager
     packed_mask: bool = False  # packed rows of several documents carry a 4D mask
-    preference: bool = False  # DPO: chosen + rejected per record
+    # Rows of max_seq_len per record in the forward pass that keeps activations: 2 for
+    # DPO, ORPO and SimPO (chosen + rejected), 1 for SFT and KTO (whose reference and KL
+    # passes keep nothing).
+    rows: int = 1
+    # The method computes answer log-probs from the logits, Liger or not (the preference
+    # methods; at the answer positions only, counted for whole rows); SFT with Liger never
+    # holds them.
+    full_logits: bool = False
     fused_eval: bool = True  # evaluation through Liger's fused loss (no full logits)
+    dora: bool = False  # lora.use_dora: noted, not counted
 
     @property
     def sequences(self) -> int:
-        return self.batch * (2 if self.preference else 1)
+        return self.batch * self.rows
 
     @property
     def tokens(self) -> int:
@@ -237,10 +245,17 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
     activations = tokens * (kept * 2 * shape.hidden + (shape.layers - kept) * per_layer)
     if kept:
         activations += tokens * per_layer  # the layer being recomputed
-    if plan.preference:
-        notes.append("DPO: chosen and rejected sequences count as two per record")
+    if plan.rows > 1:
+        notes.append("preference pairs: chosen and rejected count as two sequences per record")
+    if plan.dora:
+        notes.append("DoRA is not counted: it adds about one output-sized activation per "
+                     "adapted layer and a transient full-size weight of the largest one")
+    if plan.full_logits:
+        notes.append("preference methods score answers from the logits at the answer "
+                     "positions (Liger's fused loss does not apply to them), counted here for "
+                     "whole rows: an upper bound when prompts are long")
 
-    logits = _logits(shape, plan, tokens, plan.liger)
+    logits = _logits(shape, plan, tokens, plan.liger and not plan.full_logits)
     # Autocast's bf16 copies of the fp32 adapter weights, kept for the backward pass.
     buffers = 0.0 if plan.method == "full" else trainable * 2.0
     if plan.method == "qlora":
@@ -253,8 +268,9 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
              "optimizer": optimizer, "activations": activations, "logits": logits,
              "buffers": buffers}
     parts["buffers"] += OVERHEAD * sum(parts.values())
-    eval_tokens = plan.batch * plan.seq_len  # evaluation scores one sequence per record
-    eval_logits = _logits(shape, plan, eval_tokens, plan.liger and plan.fused_eval, grad=False)
+    eval_tokens = plan.sequences * plan.seq_len  # the same rows, without gradients
+    eval_logits = _logits(shape, plan, eval_tokens,
+                          plan.liger and plan.fused_eval and not plan.full_logits, grad=False)
     eval_peak = (weights + adapter + eval_logits + eval_tokens * shape.hidden * 8) * (1 + OVERHEAD)
     return Estimate(parts=parts, eval_peak=eval_peak, notes=notes)
 
@@ -331,6 +347,7 @@ def plan_from_config(cfg, liger_auto: bool, **overrides) -> Plan:
     liger_auto: whether model.liger=auto turns Liger on for this architecture."""
     from ray_app.train.methods import method_for
 
+    training = method_for(cfg)
     liger = cfg.model.liger == "on" or (cfg.model.liger == "auto" and liger_auto)
     method = "qlora" if cfg.model.quantization == "nf4" else "lora"
     targets = cfg.lora.target_modules
@@ -343,7 +360,8 @@ def plan_from_config(cfg, liger_auto: bool, **overrides) -> Plan:
         checkpointing=cfg.train.activation_checkpointing,
         optimizer=cfg.train.optimizer if "8bit" in cfg.train.optimizer else "adamw",
         attention=cfg.model.attn_implementation, packed_mask=cfg.data.packing,
-        preference=method_for(cfg).record_kind == "pairs", fused_eval=liger,
+        rows=training.TRAINED_ROWS, full_logits=training.record_kind != "sequences",
+        fused_eval=liger, dora=cfg.lora.use_dora,
     )
     return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 

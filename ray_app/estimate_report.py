@@ -75,7 +75,7 @@ def render(shape: Shape, plan: Plan, est: Estimate, rec: Recommendation, gpu_gib
         f"{plan.method}, {plan.strategy}"
         + (f" ZeRO-{plan.zero_stage}" if plan.strategy == "deepspeed" else "")
         + f", {plan.gpus} GPU(s), micro-batch {plan.batch} x {plan.seq_len} tokens"
-        + (" (chosen + rejected)" if plan.preference else "")
+        + (" (chosen + rejected)" if plan.rows == 2 else "")
         + f", activation checkpointing {plan.checkpointing}, Liger {'on' if plan.liger else 'off'}"
         + f", optimizer {plan.optimizer}", highlight=False)
     table = Table(title=f"Estimated memory per GPU (GiB), GPU of {gpu_gib:g} GiB")

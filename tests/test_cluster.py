@@ -81,6 +81,18 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(root / "home"),
                     "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                    # A lost node is declared dead after 5 failed GCS health checks, 3 s
+                    # apart by default (~15 s); a killed raylet fails each check at once
+                    # (connection refused), so checks 1 s apart find it in ~5 s. The
+                    # timeout of a check that gets no answer stays Ray's (10 s): a raylet
+                    # that is only slow on 2 busy cores is not declared dead any sooner.
+                    "RAY_health_check_period_ms": "1000",
+                    # Until then the lost node's resources still count, so Ray Train
+                    # restarts the elastic run at its old size and waits for a placement
+                    # group that cannot be placed: 60 s by default before it retries at
+                    # the size that fits. The wait covers only the placement group (the
+                    # workers' start is not in it), which takes well under a second here.
+                    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
                     # The dashboard's Train page, as the Helm chart sets it on every pod.
                     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
                     # The head starts one client server per Ray client session and waits 30 s

@@ -51,7 +51,7 @@ def test_wrong_type_names_key_and_value():
     ("train", "lr", -1, "greater than 0"),
     ("scaling", "num_workers", 0, "greater than or equal to 1"),
     ("data", "eval_fraction", 1.5, "less than 1"),
-    ("data", "format", "csv", "'auto', 'text', 'alpaca', 'messages' or 'preference'"),
+    ("data", "format", "csv", "'auto', 'text', 'alpaca', 'messages', 'preference' or 'unpaired'"),
     ("lora", "dropout", 1.0, "less than 1"),
     ("run", "name", "bad name!", "letters, digits"),
     ("scaling", "resources_per_worker", {"CPU": -1}, ">= 0"),
@@ -130,10 +130,10 @@ def test_train_help_lists_every_key(capsys):
 
 
 def test_format_errors_list_the_formats_of_the_one_literal_and_suggest_the_nearest():
-    assert FORMAT_SETTINGS == ("auto", "text", "alpaca", "messages", "preference")
+    assert FORMAT_SETTINGS == ("auto", "text", "alpaca", "messages", "preference", "unpaired")
     msg = _error({"data": {"train": [{"path": "x.jsonl", "format": "mesages"}]}})
     assert "data.train.0.format: got 'mesages'" in msg and "did you mean 'messages'?" in msg
-    assert "'auto', 'text', 'alpaca', 'messages' or 'preference'" in msg
+    assert "'auto', 'text', 'alpaca', 'messages', 'preference' or 'unpaired'" in msg
     assert validate_config({"data": {"train": ["x"], "format": "preference"}}).data.format == (
         "preference")
 

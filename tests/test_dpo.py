@@ -20,7 +20,8 @@ from ray_app.config import DpoSection, validate_config
 from ray_app.data.tokenize import IGNORE
 from ray_app.quickstart import build_assets
 from ray_app.train.faults import FAIL_AT_STEP_ENV
-from ray_app.train.methods.dpo import PairCollate, pair_losses
+from ray_app.train.methods.answers import PairCollate
+from ray_app.train.methods.dpo import pair_losses
 
 
 def _logps(chosen, rejected):
@@ -77,7 +78,7 @@ def test_answer_logps_of_a_batch_equal_each_answer_on_its_own():
     from ray_app.data.tokenize import load_tokenizer
     from ray_app.model.loading import build_tiny_llama
     from ray_app.quickstart import TOKENIZER_DIR
-    from ray_app.train.methods.dpo import answer_logps
+    from ray_app.train.methods.answers import answer_logps
 
     model = build_tiny_llama(load_tokenizer(str(TOKENIZER_DIR)), seed=0).eval()
     rng = np.random.default_rng(0)

@@ -189,3 +189,30 @@ def test_estimate_stays_within_15_percent_of_the_measured_training_peaks():
     assert len(train) >= 4
     for row in train:
         assert abs(row["error"]) <= 0.15, row
+
+
+def test_each_training_method_counts_its_rows_and_logits(llama_8b_folder):
+    """DPO, ORPO and SimPO hold chosen and rejected rows; KTO's reference and KL passes
+    keep nothing; every preference method scores answers from the full logits, Liger or
+    not, while SFT with Liger never holds them."""
+    from transformers import AutoConfig
+
+    from ray_app.config import validate_config
+    from ray_app.estimate import plan_from_config
+
+    shape = shape_of(AutoConfig.from_pretrained(llama_8b_folder))
+    peaks = {}
+    for method in ("sft", "dpo", "orpo", "simpo", "kto"):
+        cfg = validate_config({"data": {"train": ["x.jsonl"], "max_seq_len": 2048},
+                               "train": {"method": method, "batch_size_per_worker": 2},
+                               "scaling": {"use_gpu": True, "num_workers": 1}})
+        plan = plan_from_config(cfg, liger_auto=True)
+        assert (plan.rows, plan.full_logits) == {"sft": (1, False), "kto": (1, True)}.get(
+            method, (2, True))
+        peaks[method] = estimate(shape, plan).parts
+    assert peaks["dpo"] == peaks["orpo"] == peaks["simpo"]
+    logits_per_row = 2048 * shape.vocab * 12  # bf16 + fp32 copy + log-softmax + gradient
+    assert peaks["kto"]["logits"] == pytest.approx(logits_per_row * 2)
+    assert peaks["dpo"]["logits"] == pytest.approx(logits_per_row * 4)
+    assert peaks["sft"]["logits"] < peaks["kto"]["logits"] / 10  # Liger: one chunk at a time
+    assert peaks["dpo"]["activations"] == pytest.approx(2 * peaks["kto"]["activations"])

@@ -104,8 +104,8 @@ def test_a_workers_user_error_fails_the_run_at_once(ray_cluster, registered, sma
 def test_an_unknown_method_is_named_with_the_known_ones(small_data, tmp_path):
     from ray_app.train.methods import method_for
 
-    cfg = validate_config(tiny_config(small_data, tmp_path, train={"method": "orpo"}))
-    with pytest.raises(UserError, match="unknown method 'orpo'; known: sft, dpo"):
+    cfg = validate_config(tiny_config(small_data, tmp_path, train={"method": "ppo"}))
+    with pytest.raises(UserError, match="unknown method 'ppo'; known: sft, dpo, orpo, simpo, kto"):
         method_for(cfg)
 
 
@@ -113,5 +113,6 @@ def test_the_training_core_names_no_method():
     """The loop, the step, the engines and the reports work for any method."""
     for name in ("loop.py", "steps.py", "engines.py", "reporting.py", "run.py"):
         text = (TRAIN / name).read_text()
-        found = re.findall(r"\b(dpo|DPO|sft|SFT|pairs|preference)\b", text)
+        found = re.findall(r"\b(dpo|DPO|sft|SFT|orpo|ORPO|simpo|SimPO|kto|KTO|pairs|"
+                           r"completions|preference)\b", text)
         assert not found, f"{name} names {found}"

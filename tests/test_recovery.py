@@ -42,26 +42,35 @@ def _train(cfg_dict) -> dict:
     return run_training(validate_config(cfg_dict), Console(width=120))
 
 
-def _config(data, tmp, name, **run):
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    """One run storage for every run of this module, so that they all train on one build
+    of the dataset (built once, by the first run). Runs are compared sample id by sample
+    id, and a sample id names a sequence of one build; it also saves a build per run."""
+    return tmp_path_factory.mktemp("storage")
+
+
+def _config(data, tmp, name, storage, **run):
     # batch 4 x 2 workers: the 6 steps use 48 of the ~70 packed sequences of one epoch
     return tiny_config(data, tmp, train={"max_steps": STEPS, "batch_size_per_worker": 4,
                                          "checkpoint_every": 2},
-                       run={"name": name, "record_samples": True, "max_failures": 1, **run})
+                       run={"name": name, "record_samples": True, "max_failures": 1,
+                            "storage_path": str(storage), **run})
 
 
 @pytest.fixture(scope="module")
-def straight(ray_cluster, small_data, tmp_path_factory):
+def straight(ray_cluster, small_data, tmp_path_factory, storage):
     tmp = tmp_path_factory.mktemp("straight")
-    summary = _train(_config(small_data, tmp, "straight", output_dir=str(tmp / "out")))
+    summary = _train(_config(small_data, tmp, "straight", storage, output_dir=str(tmp / "out")))
     assert summary["status"] == "succeeded", summary.get("error")
-    run = tmp / "storage" / "straight"
+    run = storage / "straight"
     return summary, committed_steps(run / "sample_trace"), optimizer_tensors(newest_checkpoint(run))
 
 
 def test_worker_failure_resumes_exactly_where_the_uninterrupted_run_would_be(
-        straight, small_data, tmp_path, monkeypatch):
+        straight, small_data, tmp_path, monkeypatch, storage):
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")  # one step after the checkpoint at step 4
-    summary = _train(_config(small_data, tmp_path, "crashy"))
+    summary = _train(_config(small_data, tmp_path, "crashy", storage))
     assert summary["status"] == "succeeded", summary.get("error")
     train = summary["train"]
     assert (train["steps"], train["restarts"], train["resumed_from_step"]) == (STEPS, 1, 4)
@@ -69,12 +78,12 @@ def test_worker_failure_resumes_exactly_where_the_uninterrupted_run_would_be(
     assert "injected failure at step 5" in restart["cause"]
     assert restart["resumed_from_step"] == 4 and restart["recovery_s"] > 0
     assert restart["steps_lost"] == 0  # step 5 failed before it was reported
-    steps = committed_steps(tmp_path / "storage" / "crashy" / "sample_trace")
+    steps = committed_steps(storage / "crashy" / "sample_trace")
     expected_summary, expected_steps, expected_optimizer = straight
     assert steps == expected_steps and sorted(steps) == list(range(1, STEPS + 1))
     trained = [i for ids in steps.values() for i in ids]
     assert len(trained) == len(set(trained)) == STEPS * 4 * 2  # none repeated, none skipped
-    optimizer = optimizer_tensors(newest_checkpoint(tmp_path / "storage" / "crashy"))
+    optimizer = optimizer_tensors(newest_checkpoint(storage / "crashy"))
     assert optimizer.keys() == expected_optimizer.keys() and optimizer
     for name, tensor in optimizer.items():  # Adam moments and step counts at step 6
         assert tensor.allclose(expected_optimizer[name], rtol=1e-5, atol=1e-8), name
@@ -111,29 +120,29 @@ def test_restart_history_counts_lost_steps_and_restarts_before_any_checkpoint(ra
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_the_run_goes_on(
-        ray_cluster, small_data, tmp_path, monkeypatch, straight):
+        ray_cluster, small_data, tmp_path, monkeypatch, straight, storage):
     monkeypatch.setenv(SIGTERM_AT_STEP_ENV, "3")  # checkpoints are due at 2, 4, 6 only
-    summary = _train(_config(small_data, tmp_path, "evicted"))
+    summary = _train(_config(small_data, tmp_path, "evicted", storage))
     assert summary["status"] == "succeeded", summary.get("error")
     train = summary["train"]
     assert train["restarts"] == 1 and train["resumed_from_step"] == 3  # nothing lost
     assert "SIGTERM" in train["restart_history"][0]["cause"]
-    steps = committed_steps(tmp_path / "storage" / "evicted" / "sample_trace")
+    steps = committed_steps(storage / "evicted" / "sample_trace")
     assert steps == straight[1]
 
 
 @pytest.mark.timeout(600)
 def test_a_killed_driver_and_a_corrupted_newest_checkpoint_still_end_with_the_adapter(
-        ray_cluster, small_data, tmp_path):
+        ray_cluster, small_data, tmp_path, storage):
     """The driver (and the local cluster it started) is SIGKILLed after the step-4
     checkpoint; that checkpoint is then overwritten with garbage. The rerun skips it,
     resumes from step 2, and with keep_checkpoints=2 Ray Train's eviction of the bad folder
     must not touch the new ones: the run ends succeeded with the adapter exported."""
-    cfg = _config(small_data, tmp_path, "killed", max_failures=0)
+    cfg = _config(small_data, tmp_path, "killed", storage, max_failures=0)
     cfg["train"]["keep_checkpoints"] = 2
     config = tmp_path / "killed.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    run_dir = tmp_path / "storage" / "killed"
+    run_dir = storage / "killed"
     driver = subprocess.Popen(
         [sys.executable, "-m", "ray_app", "train", str(config), "--num-cpus", "2"],
         env={**os.environ, STEP_DELAY_ENV: "1.5"}, stdout=subprocess.DEVNULL,
@@ -172,13 +181,13 @@ def test_a_killed_driver_and_a_corrupted_newest_checkpoint_still_end_with_the_ad
 
 
 @pytest.fixture(scope="module")
-def many_checkpoints(ray_cluster, small_data, tmp_path_factory):
+def many_checkpoints(ray_cluster, small_data, tmp_path_factory, storage):
     """20 steps with a checkpoint at every step and keep_checkpoints=2, while a thread
     records the most checkpoint staging folders present on this machine at once."""
     tmp = tmp_path_factory.mktemp("many")
     cfg = tiny_config(small_data, tmp, train={"max_steps": 20, "checkpoint_every": 1,
                                               "keep_checkpoints": 2, "batch_size_per_worker": 2},
-                      run={"name": "many", "max_failures": 0})
+                      run={"name": "many", "max_failures": 0, "storage_path": str(storage)})
     most, done = [0], threading.Event()
 
     def watch() -> None:
@@ -195,7 +204,7 @@ def many_checkpoints(ray_cluster, small_data, tmp_path_factory):
         done.set()
         watcher.join()
     assert summary["status"] == "succeeded", summary.get("error")
-    return tmp / "storage" / "many", most[0]
+    return storage / "many", most[0]
 
 
 def test_twenty_checkpoints_leave_the_newest_two_in_storage_and_none_on_local_disk(

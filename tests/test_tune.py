@@ -124,9 +124,45 @@ def _error(space: dict, **tune) -> str:
     ({"train.lrr": {"choice": [1e-4]}}, "'train.lrr' is not a config key; did you mean 'train.lr'?"),
     ({"data.max_seq_len": {"choice": [64, 128]}}, "data.max_seq_len cannot vary between trials"),
     ({"scaling.num_workers": {"choice": [1, 2]}}, "cannot vary between trials"),
+    ({"train.method": {"choice": ["dpo", "orpo"]}}, "train.method cannot vary between trials"),
+    ({"train.simpo.gama": {"uniform": [0.3, 1.0]}},
+     "'train.simpo.gama' is not a config key; did you mean 'train.simpo.gamma'?"),
+    ({"train.simpo.gamma": {"uniform": [-1.0, 1.0]}}, "which train.simpo.gamma does not take"),
 ])
 def test_bad_search_space_is_named_with_key_and_fix(space, expected):
     assert expected in _error(space)
+
+
+def test_a_trial_sets_nested_method_keys_and_lora_variant_flags(tmp_path):
+    from ray_app.tune.space import study_base, trial_config
+
+    space = {"train.simpo.gamma": {"uniform": [0.3, 1.5]}, "train.dpo.beta": {"choice": [0.05]},
+             "lora.use_dora": {"choice": [False, True]}, "lora.init": {"choice": ["pissa"]},
+             "train.lora_plus_ratio": {"choice": [None, 16]}}
+    cfg = validate_config({"data": {"train": ["x.jsonl"]}, "train": {"method": "simpo"},
+                           "tune": {"space": space}})
+    values = {"train.simpo.gamma": 0.9, "train.dpo.beta": 0.05, "lora.use_dora": True,
+              "lora.init": "default", "train.lora_plus_ratio": 16}
+    trial = trial_config(study_base(cfg), values, "s", "t1", str(tmp_path))
+    assert (trial.train.simpo.gamma, trial.train.simpo.beta, trial.train.dpo.beta) == (0.9, 2.0, 0.05)
+    assert trial.lora.use_dora and trial.train.lora_plus_ratio == 16
+    assert cfg.train.simpo.gamma == 0.5  # the study's own config is unchanged
+
+
+def test_a_study_ranks_by_a_metric_its_method_reports():
+    from ray_app.tune.study import check_study
+
+    def config(method: str, metric: str):
+        return validate_config({"data": {"train": ["x.jsonl"]}, "train": {"method": method},
+                                "tune": {"space": {"train.dpo.beta": {"choice": [0.1, 0.3]}},
+                                         "metric": metric, "mode": "max"}})
+
+    check_study(config("dpo", "eval_reward_accuracy"))
+    check_study(config("simpo", "eval_reward_margin"))
+    with pytest.raises(UserError, match="eval_perplexity is not reported by train.method: dpo"):
+        check_study(config("dpo", "eval_perplexity"))
+    with pytest.raises(UserError, match="eval_reward_accuracy is not reported by train.method: kto"):
+        check_study(config("kto", "eval_reward_accuracy"))
 
 
 def test_optuna_refuses_grid_entries_and_unknown_settings_are_named():

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 from ray_app.config import RecordFormat
 
-FORMATS = get_args(RecordFormat)  # text, alpaca, messages, preference
+FORMATS = get_args(RecordFormat)  # text, alpaca, messages, preference, unpaired
 ROLES = ("system", "user", "assistant")
 DEFAULT_TRAINED_ROLES = ("assistant",)
 
@@ -38,6 +38,15 @@ class Preference:
     prompt: list[Turn]
     chosen: Turn
     rejected: Turn
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A prompt (chat turns) with one answer labelled desirable or not (KTO's data)."""
+
+    prompt: list[Turn]
+    completion: Turn
+    desirable: bool
 
 
 def parse_line(text: str) -> dict[str, Any]:
@@ -67,6 +76,8 @@ def detect_format(record: dict[str, Any], fields: Mapping[str, str] | None = Non
     name = _namer(fields)
     if name("chosen") in record and name("rejected") in record:
         return "preference"
+    if name("completion") in record and name("label") in record:
+        return "unpaired"
     if name("messages") in record or "conversations" in record:
         return "messages"
     if name("instruction") in record and name("output") in record:
@@ -93,6 +104,12 @@ def to_turns(record: dict[str, Any], fmt: str, fields: Mapping[str, str] | None 
     if fmt == "preference":  # supervised view of a pair: train on the chosen answer
         pair = to_preference(record, fields)
         return pair.prompt + [pair.chosen]
+    if fmt == "unpaired":  # supervised view: only a desirable completion is trained on
+        one = to_completion(record, fields)
+        if not one.desirable:
+            raise RecordError("an undesirable completion (label: false) is never trained on as "
+                              "a target; train.method=kto uses it")
+        return one.prompt + [one.completion]
     raise RecordError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -100,21 +117,43 @@ def to_preference(record: dict[str, Any], fields: Mapping[str, str] | None = Non
     """A `preference` record: `prompt` (string or message list, optional `system`),
     `chosen` and `rejected` (strings, or lists ending in the assistant answer)."""
     name = _namer(fields)
-    prompt_key = name("prompt")
-    raw_prompt = record.get(prompt_key)
-    if isinstance(raw_prompt, list):
-        prompt = _messages({prompt_key: raw_prompt}, lambda k: prompt_key if k == "messages" else name(k),
-                           (), require_trained=False, where=prompt_key)
-    else:
-        prompt = [Turn("user", _string(record, prompt_key), False)]
-        system = _string(record, name("system"), required=False)
-        if system.strip():
-            prompt.insert(0, Turn("system", system, False))
+    prompt = _prompt(record, name)
     chosen = _answer(record, name("chosen"), name)
     rejected = _answer(record, name("rejected"), name)
     if " ".join(chosen.split()) == " ".join(rejected.split()):
         raise RecordError("'chosen' and 'rejected' are the same answer")
     return Preference(prompt, Turn("assistant", chosen, True), Turn("assistant", rejected, True))
+
+
+def to_completion(record: dict[str, Any], fields: Mapping[str, str] | None = None) -> Completion:
+    """An `unpaired` record (TRL's unpaired preference format, as KTO uses it): `prompt`
+    as in a preference record, `completion` (string or list ending in the assistant answer)
+    and `label`, true for a desirable completion and false for an undesirable one."""
+    name = _namer(fields)
+    prompt = _prompt(record, name)
+    completion = _answer(record, name("completion"), name)
+    label_key = name("label")
+    if label_key not in record:
+        raise RecordError(f"missing field {label_key!r}")
+    label = record[label_key]
+    if not isinstance(label, bool):
+        raise RecordError(f"field {label_key!r} must be true or false, got {_show(label)}")
+    return Completion(prompt, Turn("assistant", completion, True), label)
+
+
+def _prompt(record: dict[str, Any], name) -> list[Turn]:
+    """The untrained prompt turns of a preference or unpaired record."""
+    prompt_key = name("prompt")
+    raw_prompt = record.get(prompt_key)
+    if isinstance(raw_prompt, list):
+        return _messages({prompt_key: raw_prompt},
+                         lambda k: prompt_key if k == "messages" else name(k),
+                         (), require_trained=False, where=prompt_key)
+    prompt = [Turn("user", _string(record, prompt_key), False)]
+    system = _string(record, name("system"), required=False)
+    if system.strip():
+        prompt.insert(0, Turn("system", system, False))
+    return prompt
 
 
 def _answer(record: dict[str, Any], key: str, name) -> str:

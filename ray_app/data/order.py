@@ -37,6 +37,9 @@ import numpy as np
 CHUNK_ROWS = 256  # sequences per Parquet row group of the train split
 COLUMNS = ("input_ids", "labels", "position_ids")  # SFT sequences (packed or not)
 PAIR_COLUMNS = ("input_ids", "labels", "rejected_input_ids", "rejected_labels")  # DPO pairs
+COMPLETION_COLUMNS = ("input_ids", "labels", "desirable")  # KTO's labelled completions
+# The columns of the prepared rows, by what the training method trains on.
+RECORD_COLUMNS = {"sequences": COLUMNS, "pairs": PAIR_COLUMNS, "completions": COMPLETION_COLUMNS}
 SAMPLE_ID = "sample_id"  # a sequence's index in the prepared data (file, row group, row order)
 
 
@@ -96,7 +99,7 @@ class TrainStream:
             if len(mine):
                 lists = _read_chunk(chunk, self.columns)
                 for r in mine:
-                    sample = {name: values[bounds[r]:bounds[r + 1]]
+                    sample = {name: values[r] if bounds is None else values[bounds[r]:bounds[r + 1]]
                               for name, (bounds, values) in lists.items()}
                     sample[SAMPLE_ID] = np.int64(offsets[int(c)] + r)
                     yield sample
@@ -135,9 +138,11 @@ def _check(world_size: int, rank: int, start_sample: int) -> None:
         raise ValueError(f"start_sample must be >= 0, got {start_sample}")
 
 
-def _read_chunk(chunk: Chunk, columns: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _read_chunk(chunk: Chunk, columns: tuple[str, ...]
+                ) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
     """{column: (row bounds, flat values)}: row r is values[bounds[r]:bounds[r + 1]],
-    sliced without building a Python list per row."""
+    sliced without building a Python list per row; a scalar column (KTO's `desirable`)
+    has no bounds, its row r is values[r]."""
     import pyarrow.parquet as pq
 
     from ray_app.data.storage import filesystem
@@ -148,6 +153,9 @@ def _read_chunk(chunk: Chunk, columns: tuple[str, ...]) -> dict[str, tuple[np.nd
     out = {}
     for name in columns:
         lists = table.column(name).combine_chunks()
+        if not hasattr(lists, "offsets"):
+            out[name] = (None, lists.to_numpy(zero_copy_only=False))
+            continue
         bounds = lists.offsets.to_numpy()
         out[name] = (bounds - bounds[0], lists.flatten().to_numpy(zero_copy_only=False))
     return out

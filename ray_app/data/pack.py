@@ -27,6 +27,10 @@ PAIR_SCHEMA = pa.schema([
     ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32())),
     ("num_tokens", pa.int32()),
 ])
+COMPLETION_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("desirable", pa.bool_()), ("num_tokens", pa.int32()),
+])
 SEQUENCE_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
     ("position_ids", pa.list_(pa.int32())), ("num_tokens", pa.int32()), ("num_docs", pa.int32()),
@@ -101,6 +105,28 @@ def pair_batch(batch: dict[str, Any], *, weights: dict[int, float],
                 rows[name].append(np.asarray(batch[name][i], dtype=np.int32))
             rows["num_tokens"].append(len(rows["input_ids"][-1]) + len(rows["rejected_input_ids"][-1]))
     return pa.Table.from_pydict(rows, schema=PAIR_SCHEMA)
+
+
+def completion_batch(batch: dict[str, Any], *, weights: dict[int, float],
+                     duplicates: np.ndarray) -> pa.Table:
+    """Ray Data batch function for train.method=kto: accepted records in, one row per
+    labelled completion out, never packed. An unpaired record gives its completion and
+    label; a preference pair gives two rows, its chosen answer desirable and its rejected
+    one not (as TRL's `unpair_preference_dataset` does)."""
+    rows = {name: [] for name in COMPLETION_SCHEMA.names}
+
+    def add(ids, labels, desirable: bool) -> None:
+        rows["input_ids"].append(np.asarray(ids, dtype=np.int32))
+        rows["labels"].append(np.asarray(labels, dtype=np.int32))
+        rows["desirable"].append(bool(desirable))
+        rows["num_tokens"].append(len(rows["input_ids"][-1]))
+
+    for i, n in _kept(batch, weights, duplicates):
+        for _ in range(n):
+            add(batch["input_ids"][i], batch["labels"][i], batch["desirable"][i])
+            if len(batch["rejected_input_ids"][i]):
+                add(batch["rejected_input_ids"][i], batch["rejected_labels"][i], False)
+    return pa.Table.from_pydict(rows, schema=COMPLETION_SCHEMA)
 
 
 def _kept(batch: dict[str, Any], weights: dict[int, float],

@@ -38,8 +38,8 @@ from ray_app.config import BUILTIN_TINY_LLAMA, Config
 from ray_app.data import storage
 from ray_app.data.hub import hub_pyarrow_filesystem
 from ray_app.data.jsonl_datasource import FileMeta, JsonlLinesDatasource, uri_tail
-from ray_app.data.order import CHUNK_ROWS, COLUMNS, PAIR_COLUMNS, TrainStream, index_chunks
-from ray_app.data.pack import pack_batch, pair_batch
+from ray_app.data.order import CHUNK_ROWS, PAIR_COLUMNS, RECORD_COLUMNS, TrainStream, index_chunks
+from ray_app.data.pack import completion_batch, pack_batch, pair_batch
 from ray_app.data.report import DataReport, SourceCounts, report_from_counts
 from ray_app.data.sources import expand_sources
 from ray_app.data.tokenize import (
@@ -50,8 +50,8 @@ from ray_app.data.tokenize import (
 )
 from ray_app.errors import UserError
 
-PIPELINE_VERSION = "4"
-RECORD_KINDS = ("sequences", "pairs")  # bump when the tokenized output of the same inputs changes
+PIPELINE_VERSION = "5"  # bump when the tokenized output of the same inputs changes
+RECORD_KINDS = tuple(RECORD_COLUMNS)  # sequences, pairs, completions
 COUNT_KEYS = ["source", "status", "reason", "split", "format"]
 TOKENIZE_BATCH = 256
 CPUS_PER_TOKENIZER = 4
@@ -81,17 +81,19 @@ class PreparedData:
         """The `train` sequences (packed when data.packing; columns input_ids, labels,
         position_ids) or the `eval` records (input_ids, labels), as a Ray Dataset. For
         preference pairs (report.record_kind == "pairs") both splits hold pairs: input_ids,
-        labels (the chosen answer), rejected_input_ids, rejected_labels."""
+        labels (the chosen answer), rejected_input_ids, rejected_labels; for labelled
+        completions ("completions") input_ids, labels, desirable."""
         if name not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {name!r}")
-        columns = (list(PAIR_COLUMNS) if self.report.record_kind == "pairs"
+        kind = self.report.record_kind
+        columns = (list(RECORD_COLUMNS[kind]) if kind != "sequences"
                    else ["input_ids", "labels"] + (["position_ids"] if name == "train" else []))
         return ray.data.read_parquet(f"{self.path}/{name}").select_columns(columns)
 
     def eval_bytes_at_most(self) -> int:
         """An upper bound of the eval split's size in memory: int64 token ids, every record
         max_seq_len long."""
-        columns = len(PAIR_COLUMNS) if self.report.record_kind == "pairs" else 2
+        columns = {"pairs": len(PAIR_COLUMNS)}.get(self.report.record_kind, 2)
         return self.report.eval_records * self.report.max_seq_len * columns * 8
 
     def train_stream(self) -> TrainStream:
@@ -100,7 +102,7 @@ class PreparedData:
         from ray_app.data.order import Chunk
 
         return TrainStream(tuple(Chunk(**c) for c in index),
-                           PAIR_COLUMNS if self.report.record_kind == "pairs" else COLUMNS)
+                           RECORD_COLUMNS[self.report.record_kind])
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,8 @@ def prepare(cfg: Config, storage_root: str, rejects_dir: Path,
     data.strict and a non-empty train set. Call with Ray initialised.
 
     `record_kind`: what the training method trains on (`TrainingMethod.record_kind`):
-    "sequences" (records of any format, packed) or "pairs" (preference records, whole)."""
+    "sequences" (records of any format, packed), "pairs" (preference records, whole) or
+    "completions" (labelled completions, whole)."""
     if record_kind not in RECORD_KINDS:
         raise ValueError(f"record_kind must be one of {RECORD_KINDS}, got {record_kind!r}")
     shards = resolve_shards(cfg)
@@ -258,11 +261,29 @@ def remove_stale_builds(cache: str, keep: str, now: float | None = None) -> None
 
 
 def _build(cfg: Config, shards: list[Shard], folder: str, record_kind: str) -> DataReport:
-    """Builds everything into `folder`, a new build folder (see MARKER)."""
+    """Builds everything into `folder`, a new build folder (see MARKER).
+
+    The build is a pure function of the inputs and settings: Ray Data keeps the shards'
+    order through every stage (`preserve_order`), so the same records are packed together
+    and the train sequences get the same order and sample ids in every build, however
+    the tasks happen to finish. Without it, two builds of the same inputs (two storage
+    paths, a rebuilt cache) trained on different sequences under the same sample ids."""
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        return _build_in_order(cfg, shards, folder, record_kind)
+    finally:
+        context.execution_options.preserve_order = before
+
+
+def _build_in_order(cfg: Config, shards: list[Shard], folder: str,
+                    record_kind: str) -> DataReport:
     data = cfg.data
     records = f"{folder}/records"
     has_eval_shards = any(s.meta.role == "eval" for s in shards)
     pairs = record_kind == "pairs"
+    whole = record_kind != "sequences"  # never packed
     rules = RecordRules.from_config(cfg, 0.0 if has_eval_shards else data.eval_fraction,
                                     {s.meta.source_id: s.meta.fields for s in shards},
                                     record_kind)
@@ -289,15 +310,16 @@ def _build(cfg: Config, shards: list[Shard], folder: str, record_kind: str) -> D
         report.warnings += [warning] if warning else []
     clock.lap("count_and_rejects")
     weights = {s.meta.source_id: s.weight for s in shards}
-    for name, packing, count in (("train", data.packing and not pairs, report.train_records),
+    for name, packing, count in (("train", data.packing and not whole, report.train_records),
                                  ("eval", False, report.eval_records)):
         if count == 0:
             continue  # a pass over all records for nothing
         accepted = (ray.data.read_parquet(records).select_columns([
-            "source_id", "origin", "status", "split", "content_hash", *PAIR_COLUMNS[:2 + 2 * pairs]])
+            "source_id", "origin", "status", "split", "content_hash",
+            *PAIR_COLUMNS[:2 + 2 * whole], *(["desirable"] if record_kind == "completions" else [])])
             .filter(expr=col("status") == "accepted"))
         shared = {"weights": weights if name == "train" else {}, "duplicates": duplicates}
-        fn, kwargs = ((pair_batch, shared) if pairs else
+        fn, kwargs = ((pair_batch, shared) if pairs else (completion_batch, shared) if whole else
                       (pack_batch, {**shared, "max_seq_len": data.max_seq_len, "packing": packing}))
         (accepted.filter(expr=col("split") == name)
             .map_batches(fn, batch_size=PACK_BATCH, batch_format="numpy", fn_kwargs=kwargs)
@@ -306,7 +328,7 @@ def _build(cfg: Config, shards: list[Shard], folder: str, record_kind: str) -> D
     chunks = index_chunks(f"{folder}/train")
     storage.write_text(f"{folder}/train_index.json",
                        json.dumps([c.__dict__ for c in chunks]))
-    report.packing, report.record_kind = data.packing and not pairs, record_kind
+    report.packing, report.record_kind = data.packing and not whole, record_kind
     report.max_seq_len = data.max_seq_len
     report.train_sequences = sum(c.rows for c in chunks)
     if report.train_sequences:

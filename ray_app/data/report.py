@@ -38,7 +38,7 @@ class DataReport:
     reject_reasons: dict[str, int] = field(default_factory=dict)
     # The sequences the workers train on (packed, with sampling weights applied).
     packing: bool = False
-    record_kind: str = "sequences"  # or "pairs": (chosen, rejected) pairs, not sequences
+    record_kind: str = "sequences"  # or "pairs" (chosen, rejected), or "completions" (KTO)
     max_seq_len: int = 0
     train_sequences: int = 0
     sequence_tokens: int = 0
@@ -126,6 +126,9 @@ def render_report(report: DataReport, console, *, cached: bool = False, rejects_
                   f"eval {report.eval_records} records")
     if report.record_kind == "pairs":
         console.print(f"train as {report.train_sequences} (chosen, rejected) pairs of <= "
+                      f"{report.max_seq_len} tokens each")
+    elif report.record_kind == "completions":
+        console.print(f"train as {report.train_sequences} labelled completions of <= "
                       f"{report.max_seq_len} tokens each")
     elif report.train_sequences:
         how = "packed into" if report.packing else "as"

@@ -21,6 +21,7 @@ from ray_app.data.formats import (
     content_key,
     detect_format,
     parse_line,
+    to_completion,
     to_preference,
     to_turns,
 )
@@ -157,6 +158,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("content_hash", pa.string()), ("num_tokens", pa.int32()), ("trained_tokens", pa.int32()),
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
     ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32())),
+    ("desirable", pa.bool_()),  # unpaired records: the label (true for every other format)
 ])
 RAW_KEEP = 2000  # characters of a rejected line kept in the reject report
 REASON_KEEP = 500  # characters of a reject reason
@@ -174,8 +176,9 @@ class RecordRules:
     max_tokens: int | None = None
     max_record_bytes: int = 4_000_000
     fmt: str = "auto"  # used where the reader gave no per-file format
-    # What the training method trains on: "sequences" (any format), or "pairs" (only
-    # preference records, both answers trained); `method` names it in reject reasons.
+    # What the training method trains on: "sequences" (any format), "pairs" (only
+    # preference records, both answers trained) or "completions" (unpaired records, or
+    # preference records split into their two answers); `method` names it in reject reasons.
     record_kind: str = "sequences"
     method: str = "sft"
     fields: dict[int, dict[str, str]] = field(default_factory=dict)  # per source_id
@@ -237,7 +240,7 @@ class TokenizeRecords:
             "origin": origin_of(role, source_id, line), "status": "accepted", "reason": "",
             "raw": "", "format": "", "split": "eval" if role == "eval" else "",
             "content_hash": "", "num_tokens": 0, "trained_tokens": 0, "input_ids": [],
-            "labels": [], "rejected_input_ids": [], "rejected_labels": [],
+            "labels": [], "rejected_input_ids": [], "rejected_labels": [], "desirable": True,
             "_cut": [],  # per view: rendering stopped at the token limit (not an output column)
         }
         text = str(batch["text"][i])
@@ -261,7 +264,17 @@ class TokenizeRecords:
                 raise RecordError(f"train.method={rules.method} trains on preference records "
                                   "(prompt, chosen, rejected); this record has no "
                                   "chosen/rejected pair")
-            if fmt == "preference":
+            if rules.record_kind == "completions" and fmt not in ("preference", "unpaired"):
+                raise RecordError(f"train.method={rules.method} trains on unpaired records "
+                                  "(prompt, completion, label) or preference pairs; this "
+                                  "record is neither")
+            if fmt == "unpaired" and rules.record_kind == "completions":
+                one = to_completion(record, fields)
+                turns = one.prompt + [one.completion]
+                key = content_key(turns + [Turn("label", str(one.desirable), False)])
+                rendered = [render(turns, self.tokenizer, self.stop_after)]
+                row["desirable"] = one.desirable
+            elif fmt == "preference":
                 pair = to_preference(record, fields)
                 turns = pair.prompt + [pair.chosen]
                 key = content_key(turns + [Turn("rejected", pair.rejected.content, True)])
@@ -289,7 +302,8 @@ class TokenizeRecords:
             trained = int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE))
             if trained == 0:
                 raise RecordError(f"no trainable tokens within max_seq_len={self.rules.max_seq_len}")
-            if self.rules.pairs and not np.count_nonzero(np.asarray(rest[0][1][1:]) != IGNORE):
+            both = rest and self.rules.record_kind != "sequences"  # both answers are trained
+            if both and not np.count_nonzero(np.asarray(rest[0][1][1:]) != IGNORE):
                 raise RecordError("no trainable tokens of the rejected answer within "
                                   f"max_seq_len={self.rules.max_seq_len}")
             row.update(num_tokens=len(ids), trained_tokens=trained, input_ids=ids, labels=labels)

@@ -108,13 +108,17 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def add_lora(model, lora_cfg: LoraSection):
-    from peft import LoraConfig, get_peft_model
+    """The base wrapped by PEFT with the adapter of the `lora` section. A PiSSA/OLoRA
+    adapter keeps its initial value (`initial_adapter`), which checkpoints save, so that
+    the export can apply it to the original base (`ray_app.model.adapters`)."""
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    from ray_app.model.adapters import initial_state, lora_config
+
+    peft_model = get_peft_model(model, lora_config(lora_cfg))
+    if lora_cfg.mutates_base:
+        peft_model.initial_adapter = initial_state(peft_model)
+    return peft_model
 
 
 def save_builtin_base(tokenizer, folder: str, seed: int) -> str:

@@ -39,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
+from ray_app.model.adapters import INITIAL_ADAPTER
 from ray_app.train.safe_load import UnsafeCheckpointError, safe_load
 
 STATE_FILE = "train_state.json"
@@ -56,7 +58,14 @@ class LoopState:
     sample_cursor: int = 0  # global samples of this epoch trained on (ray_app.data.order)
     tokens_seen: int = 0
     restarts: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # training wall clock: all steps, eval and checkpoints left out
+    # The same wall clock split (ray_app.train.reporting): the first steps of each attempt
+    # (compilation, autotuning) apart from the steady state after them.
+    warmup_seconds: float = 0.0
+    warmup_tokens: int = 0
+    steady_seconds: float = 0.0
+    steady_tokens: int = 0
+    first_step_s: float | None = None  # worker start to the end of the run's first step
     eval_initial: dict[str, float] = field(default_factory=dict)  # eval metrics at step 0
     world_size: int = 0  # when saved
     resumes: list[dict] = field(default_factory=list)  # {"step", "world_size"} per resume
@@ -80,6 +89,9 @@ def staged(engine, state: LoopState, rank: int) -> Iterator[str]:
     folder.mkdir(parents=True)
     try:
         engine.save(folder, rank)
+        initial = getattr(engine.peft_model, "initial_adapter", None)  # PiSSA/OLoRA only
+        if rank == 0 and initial:
+            save_file(initial, folder / INITIAL_ADAPTER)
         torch.save(_rng_state(), folder / RNG_FILE.format(rank=rank))
         if rank == 0:
             (folder / STATE_FILE).write_text(json.dumps(asdict(state)))

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ray_app.config import Config
 from ray_app.extras import require
+from ray_app.model.adapters import lora_plus_groups
 from ray_app.model.loading import decoder_layers
 from ray_app.train.plan import StepPlan
 from ray_app.train.safe_load import guard_deepspeed_loads, safe_load
@@ -93,9 +94,14 @@ class Engine:
         # Elastic runs keep the global batch of scaling.num_workers data-parallel ranks.
         self.accum_steps = math.ceil(
             cfg.train.grad_accum_steps * cfg.scaling.num_workers / self.dp_size)
+        # Host numbers (batch counts, preemption flags) are agreed over gloo, so that agreeing
+        # on them never waits for the GPU's queued work (NCCL results live on the GPU).
+        self._host_group = (dist.new_group(backend="gloo")
+                            if self.dp_size > 1 and self.device.type == "cuda" else None)
         self.model = self._wrap(peft_model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(self.params, cfg)
+        optimizer = make_optimizer(lora_plus_groups(self.model, cfg.train.lr,
+                                                    cfg.train.lora_plus_ratio), cfg)
         self.optimizer, self.scheduler = self._attach(optimizer,
                                                       make_scheduler(optimizer, cfg, plan))
 
@@ -104,7 +110,10 @@ class Engine:
             return peft_model.to(self.device)
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(peft_model)
+        # No buffer broadcast before every forward: the model's buffers (rotary tables, FP8
+        # weights of model.precision: fp8) never change, and the FP8 ones are gigabytes.
+        return ray.train.torch.prepare_model(
+            peft_model, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     def _attach(self, optimizer, scheduler):
         return optimizer, scheduler
@@ -115,6 +124,16 @@ class Engine:
             dist.all_reduce(tensor)
         return tensor
 
+    def agree(self, values: list[int], op: str = "sum") -> list[int]:
+        """`values` summed (or their maximum, op="max") over the data-parallel ranks, on
+        the host: no wait for the device."""
+        if self.dp_size == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.long)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                        group=self._host_group)
+        return tensor.tolist()
+
     def no_sync(self, last_micro_batch: bool):
         if last_micro_batch or not hasattr(self.model, "no_sync"):
             return contextlib.nullcontext()
@@ -123,13 +142,15 @@ class Engine:
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
+        """The optimizer step; returns the gradient norm before clipping, as a device
+        tensor where the strategy allows (reading it would wait for the step)."""
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -211,9 +232,12 @@ class FSDPEngine(Engine):
 
 
 def _model_key(adapter_key: str, names: set[str]) -> str:
-    """PEFT saves `...lora_A.weight`; the live module has `...lora_A.default.weight`."""
+    """PEFT saves `...lora_A.weight`; the live module has `...lora_A.default.weight`
+    (DoRA: `...lora_magnitude_vector` is `...lora_magnitude_vector.default.weight`)."""
     live = adapter_key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
         ".lora_B.weight", ".lora_B.default.weight")
+    if live.endswith(".lora_magnitude_vector"):
+        live += ".default.weight"
     if live not in names:
         raise KeyError(f"adapter tensor {adapter_key!r} has no parameter {live!r} in the model")
     return live
@@ -243,7 +267,7 @@ class DeepSpeedEngine(Engine):
         if not last_micro_batch:
             self.engine.step()  # DeepSpeed counts micro-steps; it only updates at the boundary
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")

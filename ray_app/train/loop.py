@@ -14,8 +14,10 @@ Features: any `TrainingMethod` (`ray_app/train/methods/`), DDP / FSDP2 / DeepSpe
 the data-parallel layout), gradient accumulation with a loss that is exactly that of one
 large batch, clipping, bf16 autocast on GPU, exact resume (the data order is a pure
 function of seed, epoch and data-parallel size; the cursor is in the checkpoint), elastic
-world sizes, preemption checkpoints on Ray's drain notice or SIGTERM, and a hard stop on
-non-finite loss before anything non-finite is checkpointed. Everything needed to continue
+world sizes, preemption checkpoints on Ray's drain notice or SIGTERM, a hard stop on
+non-finite loss before anything non-finite is checkpointed, an FP8 frozen base
+(`model.precision: fp8`), steps queued one ahead of their bookkeeping (no device sync
+inside a step) and compiled kernels kept with the run for restarts. Everything needed to continue
 is in the checkpoint, so a restarted worker group carries on where it left off.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import ray.train
@@ -35,8 +38,10 @@ from ray_app.data.collate import REAL_TOKENS
 from ray_app.data.order import SAMPLE_ID, TrainStream
 from ray_app.data.tokenize import load_tokenizer
 from ray_app.errors import UserError
+from ray_app.model.fp8 import check_fp8_device, to_fp8_base
 from ray_app.model.loading import add_lora, apply_speedups, load_base
 from ray_app.train import checkpoint as ckpt
+from ray_app.train import compile_cache
 from ray_app.train.engines import Engine, build_engine
 from ray_app.train.faults import inject
 from ray_app.train.methods.base import TrainingMethod
@@ -44,7 +49,7 @@ from ray_app.train.plan import StepPlan
 from ray_app.train.preemption import PreemptedError, PreemptionWatch
 from ray_app.train.prefetch import prefetch
 from ray_app.train.reporting import Reporter
-from ray_app.train.steps import MicroBatch, StepResult, evaluate, optimizer_step
+from ray_app.train.steps import MicroBatch, QueuedStep, StepResult, evaluate, optimizer_step
 from ray_app.train.trace import SampleTrace, trace_folder
 
 
@@ -54,6 +59,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     method: TrainingMethod = loop_config["method"]
     stream: TrainStream = loop_config["train_stream"]
     t = cfg.train
+    worker_started = time.perf_counter()
 
     # Set up: the same on every attempt; a failure here that a retry cannot fix fails
     # the run at once (UserError) instead of being retried run.max_failures times.
@@ -63,6 +69,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu
                 else nullcontext())
     eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+    compiled = (compile_cache.cache_uri(loop_config["storage"], cfg.run.name, engine.device)
+                if cfg.model.compile else None)
+    if compiled:
+        compile_cache.load(compiled)
 
     def run_eval() -> dict[str, Any]:
         if eval_shard is None:
@@ -75,7 +85,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state, resumed, warnings = _restore(engine)
     # This attempt's checkpoint folders never reuse a folder an earlier attempt wrote.
     attempt = ray.train.collective.broadcast_from_rank_zero(ckpt.new_attempt_id())
-    reporter = Reporter(cfg, plan, engine, state, loop_config.get("progress"), attempt)
+    reporter = Reporter(cfg, plan, engine, state, loop_config.get("progress"), attempt,
+                        worker_started)
     initial = run_eval()
     if not resumed:
         state.eval_initial = {k: v for k, v in initial.items() if v is not None}
@@ -85,32 +96,55 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trace = (SampleTrace(trace_folder(loop_config["storage"], cfg.run.name), engine.dp_rank,
                          engine.dp_size) if cfg.run.record_samples else None)
     faults = loop_config.get("faults") or {}
-    watch = PreemptionWatch(cfg.run.preemption_check_every, engine.device)
+    watch = PreemptionWatch(cfg.run.preemption_check_every, engine.agree)
     start_step = state.step
     last_checkpoint = -1
 
-    # Train.
+    # Train. Steps are queued on the device one ahead of their bookkeeping: step N's numbers
+    # are read (the loop's only wait for the device) once step N+1 is queued, so that the
+    # data hand-off, the next batch's copy and the reports overlap the device's work. A step
+    # that evaluates, checkpoints or stops is read at once, before any of that.
+    in_flight: _InFlight | None = None
+
+    def read(step: _InFlight) -> dict[str, Any]:
+        """Waits for `step`, counts it; its log line's metrics when one is due."""
+        result = step.queued.result()
+        _stop_if_diverged(result, step.step)
+        state.tokens_seen += result.tokens
+        reporter.add_step(result, step.queued_at)
+        if step.step == start_step + 1:
+            reporter.first_step()
+            if compiled and engine.dp_rank == 0:
+                compile_cache.save(compiled)
+        if not reporter.log_due(step.step, step.step == plan.total_steps):
+            return {}
+        return reporter.window_metrics(step.step, step.epoch)
+
     while state.step < plan.total_steps:
         for micro in _steps_of_epoch(stream, state, engine, method, t, train_collate):
-            sample_ids = [i for m in micro for i in m.inputs.pop(SAMPLE_ID).tolist()]
-            started = time.perf_counter()
-            result = optimizer_step(engine, method, micro, autocast)
-            _stop_if_diverged(result, state.step + 1)
+            sample_ids = [i for m in micro for i in m.sample_ids]
+            queued_at = time.perf_counter()
+            queued = optimizer_step(engine, method, micro, autocast)
             state.step += 1
             state.sample_cursor += len(sample_ids) * engine.dp_size  # every rank took as many
-            state.tokens_seen += result.tokens
             if trace:
                 trace.write(state, sample_ids)
-            reporter.add_step(result, time.perf_counter() - started)
+            if in_flight is not None and (metrics := read(in_flight)):
+                reporter.publish(metrics)
+            in_flight = _InFlight(state.step, state.epoch, queued, queued_at)
             inject(faults, state.step, engine.dp_rank, resumed,
                    shrunk=engine.dp_size < cfg.scaling.num_workers)
 
             final = state.step == plan.total_steps
-            metrics = reporter.window_metrics() if reporter.log_due(final) else {}
             checkpoint_due = state.step % t.checkpoint_every == 0
-            if reporter.eval_due(final, checkpoint_due):
-                metrics.update(step=state.step, epoch=state.epoch, **run_eval())
+            eval_due = reporter.eval_due(final, checkpoint_due)
             notice = watch.poll(state.step)
+            if not (final or checkpoint_due or eval_due or notice):
+                continue
+            metrics = read(in_flight)
+            in_flight = None
+            if eval_due:
+                metrics.update(step=state.step, epoch=state.epoch, **run_eval())
             if final or checkpoint_due or notice:
                 if notice:
                     metrics["preemption"] = "drain" if notice == watch.DRAIN else "sigterm"
@@ -122,11 +156,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 last_checkpoint = state.step
             elif metrics:
                 reporter.publish(metrics)
+            reporter.pause()
             if notice == watch.SIGTERM and not final:
                 raise PreemptedError(f"SIGTERM: checkpoint written at step {state.step}; "
                                      "stopping so that Ray Train restarts from it")
             if final:
                 break
+        if in_flight is not None and (metrics := read(in_flight)):
+            reporter.publish(metrics)
+        in_flight = None
         if state.step < plan.total_steps:
             state.epoch += 1
             state.sample_cursor = 0
@@ -135,6 +173,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # is its newest checkpoint's metrics, so this attempt writes the final one again.
     if last_checkpoint != state.step:
         reporter.checkpoint({**initial, "final": True, "start_step": start_step}, True)
+
+
+@dataclass
+class _InFlight:
+    """A step queued on the device whose numbers the loop has not read yet."""
+
+    step: int
+    epoch: int
+    queued: QueuedStep
+    queued_at: float
 
 
 def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:
@@ -151,7 +199,11 @@ def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:
         device = ray.train.torch.get_device()
         base = load_base(cfg.model, cfg.scaling.use_gpu, device)
         base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
-        engine = build_engine(add_lora(base, cfg.lora), cfg, plan)
+        model = add_lora(base, cfg.lora)
+        if cfg.model.precision == "fp8":
+            check_fp8_device(device)
+            to_fp8_base(model, device)
+        engine = build_engine(model, cfg, plan)
         torch.manual_seed(t.seed + ray.train.get_context().get_world_rank())  # dropout
     except (ImportError, NotImplementedError) as err:
         raise UserError(f"Cannot set up training on the worker: {type(err).__name__}: "
@@ -165,20 +217,25 @@ def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:
 def _steps_of_epoch(stream: TrainStream, state: ckpt.LoopState, engine: Engine,
                     method: TrainingMethod, t, collate):
     """This rank's micro-batches of the rest of the epoch, `engine.accum_steps` at a time,
-    already on the device. The order is fixed by (seed, epoch, data-parallel size); the
-    cursor skips what was trained on before a restart, also when the size changed. What
-    each batch weighs is counted on its host copy, so the step needs no device sync."""
+    their copies to the device queued. The order is fixed by (seed, epoch, data-parallel
+    size); the cursor skips what was trained on before a restart, also when the size
+    changed. What each batch weighs and which samples it holds are read on its host copy,
+    so the step needs no device sync; on GPU the host copy is in pinned memory (done in the
+    prefetch thread), so the copy to the device does not wait for the queued step either."""
     state.sample_cursor = stream.start_of(state.sample_cursor, engine.dp_size)
-    batches = prefetch(stream.batches(
+    batches = stream.batches(
         epoch=state.epoch, seed=t.seed, world_size=engine.dp_size, rank=engine.dp_rank,
-        batch_size=t.batch_size_per_worker, start_sample=state.sample_cursor,
-        collate=collate))
+        batch_size=t.batch_size_per_worker, start_sample=state.sample_cursor, collate=collate)
+    if engine.device.type == "cuda":
+        batches = ({k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()} for batch in batches)
     micro: list[MicroBatch] = []
-    for batch in batches:
+    for batch in prefetch(batches):
         real = int(batch.pop(REAL_TOKENS))
+        sample_ids = batch.pop(SAMPLE_ID).tolist()
         units = method.units(batch)
         micro.append(MicroBatch({k: v.to(engine.device, non_blocking=True)
-                                 for k, v in batch.items()}, units, real))
+                                 for k, v in batch.items()}, units, real, sample_ids))
         if len(micro) == engine.accum_steps:
             yield micro
             micro = []

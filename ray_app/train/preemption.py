@@ -21,10 +21,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
@@ -69,13 +68,16 @@ class PreemptibleTorchConfig(TorchConfig):
 
 
 class PreemptionWatch:
-    """Asked once per optimizer step on every rank; all ranks get the same answer."""
+    """Asked once per optimizer step on every rank; all ranks get the same answer.
+
+    `agree(values, "max")` is the engine's host-side agreement over the data-parallel ranks
+    (`Engine.agree`), so that asking never waits for the device's queued work."""
 
     DRAIN, SIGTERM = 1, 2
 
-    def __init__(self, check_every: int, device: torch.device):
+    def __init__(self, check_every: int, agree: Callable[[list[int], str], list[int]]):
         self.check_every = check_every
-        self.device = device
+        self.agree = agree
         self.drain_checkpointed = False
 
     def poll(self, step: int) -> int:
@@ -88,8 +90,4 @@ class PreemptionWatch:
         if due and ray.train.get_preemption_info() is not None:
             flag = max(flag, self.DRAIN)
             self.drain_checkpointed = True  # the same on every rank: the info is shared
-        if dist.is_initialized():
-            agreed = torch.tensor([flag], device=self.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            flag = int(agreed)
-        return flag
+        return self.agree([flag], "max")[0]

@@ -30,7 +30,7 @@ RAY_METRICS = {"loss": "ray_app_train_loss", "eval_loss": "ray_app_eval_loss",
                "tokens_per_s": "ray_app_tokens_per_s", "mfu": "ray_app_mfu",
                "peak_gib": "ray_app_gpu_mem_gib", "step": "ray_app_step",
                "restarts": "ray_app_restarts", "reward_accuracy": "ray_app_reward_accuracy",
-               "reward_margin": "ray_app_reward_margin"}
+               "reward_margin": "ray_app_reward_margin", "kl": "ray_app_kl"}
 
 
 @ray.remote(num_cpus=0)
@@ -62,10 +62,17 @@ class ProgressHub:
         """One entry per restart: its cause (the failures seen before it), the step it
         resumed from (0 when no checkpoint existed yet), the steps lost, the workers it
         resumed with and the recovery time."""
-        out, pending, last_step = [], [], 0
+        out, pending, last_step, failed_at = [], [], 0, None
         for index, event in enumerate(self.history):
             if event.get("event") == "failure":
                 pending.append(event)
+                continue
+            if event.get("event") == "first_step":
+                # The first step after a restart: the time from the failure to training again.
+                if out and failed_at is not None and out[-1].get("next_step_s") is None:
+                    out[-1]["next_step_s"] = round(event["time"] - failed_at, 1)
+                    out[-1]["first_step_s"] = round(event["first_step_s"], 1)
+                failed_at = None
                 continue
             if event.get("resumed") or pending:
                 first = pending[0] if pending else None
@@ -81,8 +88,10 @@ class ProgressHub:
                     "steps_lost": max(0, last_step - resumed_from),
                     "world_size": event.get("world_size"),
                     "recovery_s": round(event["time"] - first["time"], 1) if first else None,
+                    "next_step_s": None,
                     "warnings": event.get("warnings") or [],
                 })
+                failed_at = first["time"] if first else None
                 pending = []
             last_step = event.get("step", last_step) or last_step
         return out
@@ -189,6 +198,8 @@ class ProgressDisplay:
             self.console.print(f"[red]Worker failure[/red] ({metrics['cause']}); Ray Train "
                                "restarts the workers from the last checkpoint.")
             return
+        if metrics.get("event"):  # bookkeeping for the restart record, not a report
+            return
         if self.on_metrics:
             self.on_metrics(metrics)
         for warning in metrics.get("warnings") or []:
@@ -204,10 +215,15 @@ class ProgressDisplay:
         m = self.latest
         info = (f"loss {_fmt(m.get('loss'), '.4f')}  eval {_fmt(m.get('eval_loss'), '.4f')}  "
                 f"{_fmt(m.get('tokens_per_s'), ',.0f')} tok/s")
-        if "reward_accuracy" in m or "eval_reward_accuracy" in m:  # DPO
+        if "reward_accuracy" in m or "eval_reward_accuracy" in m:  # DPO, ORPO, SimPO
             info += (f"  reward acc {_fmt(m.get('reward_accuracy'), '.2f')}"
                      f"/{_fmt(m.get('eval_reward_accuracy'), '.2f')} (train/eval)"
                      f"  margin {_fmt(m.get('reward_margin'), '.3f')}")
+        if "log_odds_chosen" in m:  # ORPO
+            info += f"  log odds {_fmt(m.get('log_odds_chosen'), '.3f')}"
+        if "kl" in m:  # KTO
+            info += (f"  kl {_fmt(m.get('kl'), '.3f')}  margin {_fmt(m.get('reward_margin'), '.3f')}"
+                     f"/{_fmt(m.get('eval_reward_margin'), '.3f')} (train/eval)")
         self.progress.update(self.task, completed=m.get("step", 0), info=info)
         if not self.live:
             self.console.print(f"step {m.get('step', 0)}/{self.total}  {info}  "

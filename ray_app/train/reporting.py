@@ -4,6 +4,7 @@ progress hub)."""
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,20 +17,32 @@ from ray_app.train.flops import flops_per_token, peak_tflops
 from ray_app.train.plan import StepPlan
 from ray_app.train.steps import StepResult
 
+# The first steps of every attempt compile, autotune and grow the allocator's pools; the
+# steady-state rate leaves them out.
+WARMUP_STEPS = 3
+
 
 class Reporter:
     """One per worker. Rank 0's reports reach the driver's hub; every rank calls
-    `publish` and `checkpoint` at the same steps (Ray Train's report is a barrier)."""
+    `publish` and `checkpoint` at the same steps (Ray Train's report is a barrier).
+
+    Time is wall clock between the moments the loop has read one step's numbers and the
+    next one's (so data hand-off, reports and everything else between steps count), with
+    evaluation and checkpoints left out: `pause()` after them restarts the clock at the
+    next step's start."""
 
     def __init__(self, cfg: Config, plan: StepPlan, engine, state: ckpt.LoopState, hub,
-                 attempt: str):
+                 attempt: str, worker_started: float):
         self.cfg, self.plan, self.engine, self.state, self.attempt = cfg, plan, engine, state, attempt
         self.rank = ray.train.get_context().get_world_rank()
         self.hub = hub if self.rank == 0 else None
         self.flops = flops_per_token(engine.peft_model, cfg.data.max_seq_len)
-        self.peak = peak_tflops(engine.device)
+        self.peak, self.peak_source = peak_tflops(engine.device)
         self.cuda = engine.device.type == "cuda"
         self.train_peak = self.eval_peak = 0
+        self.worker_started = worker_started
+        self.clock: float | None = None  # when the last step's numbers were read
+        self.attempt_steps = 0
         self._reset_window()
 
     # -- step metrics, averaged over the steps since the last log line
@@ -37,8 +50,29 @@ class Reporter:
         self.tokens, self.seconds, self.loss, self.steps = 0, 0.0, 0.0, 0
         self.stats: dict[str, float] = {}
 
-    def add_step(self, result: StepResult, seconds: float) -> None:
-        self.state.train_seconds += seconds
+    def pause(self) -> None:
+        """Evaluation or a checkpoint ran: not training time."""
+        self.clock = None
+
+    def add_step(self, result: StepResult, queued_at: float) -> None:
+        """Counts a step whose numbers were just read; `queued_at` is when the loop started
+        queuing it (its clock after a pause)."""
+        now = time.perf_counter()
+        seconds = now - (queued_at if self.clock is None else self.clock)
+        self.clock = now
+        state = self.state
+        self.attempt_steps += 1
+        if self.attempt_steps == 1:
+            self.first_step_s = now - self.worker_started
+            if state.first_step_s is None:
+                state.first_step_s = self.first_step_s
+        if self.attempt_steps <= WARMUP_STEPS:
+            state.warmup_seconds += seconds
+            state.warmup_tokens += result.tokens
+        else:
+            state.steady_seconds += seconds
+            state.steady_tokens += result.tokens
+        state.train_seconds += seconds
         self.tokens += result.tokens
         self.seconds += seconds
         self.loss += result.loss
@@ -47,14 +81,20 @@ class Reporter:
         for name, value in result.stats.items():
             self.stats[name] = self.stats.get(name, 0.0) + value
 
-    def log_due(self, final: bool) -> bool:
-        return final or self.state.step % self.cfg.train.log_every == 0
+    def first_step(self) -> None:
+        """Tells the driver's hub that this attempt's first step has ended, so that a
+        restart's record says how long the run stood still (ProgressHub.restarts)."""
+        if self.hub is not None:
+            self.hub.update.remote({"event": "first_step", "first_step_s": self.first_step_s})
 
-    def window_metrics(self) -> dict[str, Any]:
+    def log_due(self, step: int, final: bool) -> bool:
+        return final or step % self.cfg.train.log_every == 0
+
+    def window_metrics(self, step: int, epoch: int) -> dict[str, Any]:
         tokens_per_s = self.tokens / max(self.seconds, 1e-9)
         per_worker = tokens_per_s / self.engine.dp_size
         metrics: dict[str, Any] = {
-            "step": self.state.step, "epoch": self.state.epoch, "loss": self.loss / self.steps,
+            "step": step, "epoch": epoch, "loss": self.loss / self.steps,
             "lr": self.engine.lr(), "grad_norm": self.grad_norm, "tokens_per_s": tokens_per_s,
             "tokens_seen": self.state.tokens_seen, "tokens_per_s_per_worker": per_worker,
             **{name: value / self.steps for name, value in self.stats.items()},
@@ -62,8 +102,17 @@ class Reporter:
         }
         if self.peak:
             metrics["mfu"] = per_worker * self.flops / (self.peak * 1e12)
+            metrics["mfu_peak"] = self.peak_source
         self._reset_window()
         return metrics
+
+    def speed(self) -> dict[str, Any]:
+        """The run's speed so far, as the summary shows it (ray_app.summary.speed)."""
+        s = self.state
+        return {"train_seconds": s.train_seconds, "tokens_seen": s.tokens_seen,
+                "warmup_seconds": s.warmup_seconds, "warmup_tokens": s.warmup_tokens,
+                "steady_seconds": s.steady_seconds, "steady_tokens": s.steady_tokens,
+                "first_step_s": s.first_step_s}
 
     def eval_due(self, final: bool, checkpoint_due: bool) -> bool:
         """A periodic eval, unless the step's checkpoint evaluates anyway."""
@@ -109,7 +158,6 @@ class Reporter:
         state.world_size = self.engine.dp_size
         metrics.setdefault("step", state.step)
         if final:
-            metrics.update(train_seconds=state.train_seconds, tokens_seen=state.tokens_seen,
-                           **self.memory())
+            metrics.update(**self.speed(), **self.memory())
         with ckpt.staged(self.engine, state, self.rank) as folder:
             self.publish(metrics, folder)

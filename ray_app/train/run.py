@@ -21,9 +21,10 @@ from ray_app.data.tokenize import load_tokenizer
 from ray_app.display import status
 from ray_app.errors import UserError
 from ray_app.extras import check_packages
+from ray_app.model.adapters import INITIAL_ADAPTER, to_plain_lora
 from ray_app.model.prepare import check_tokenizer, materialise_builtin
 from ray_app.secrets import redact
-from ray_app.summary import write_summary
+from ray_app.summary import speed, write_summary
 from ray_app.train.faults import injected_faults
 from ray_app.train.identity import check_run_identity
 from ray_app.train.lease import RunLease
@@ -165,14 +166,14 @@ def finish(cfg: Config, data: PreparedData, result, output: Path, hub) -> dict[s
         "train": {
             "steps": metrics.get("step", 0),
             "tokens_seen": metrics.get("tokens_seen", 0),
-            "tokens_per_s": (metrics.get("tokens_seen", 0) / metrics["train_seconds"]
-                             if metrics.get("train_seconds") else None),
+            **speed(metrics),
             # A restart before the first checkpoint starts over, so only the history sees it.
             "restarts": max(metrics.get("restarts", 0), len(history)),
             "restart_history": history,
             "resumed_from_step": metrics.get("start_step", 0),
             "tokens_per_s_per_worker_last": metrics.get("tokens_per_s_per_worker"),
             "mfu_last": metrics.get("mfu"),
+            "mfu_peak": metrics.get("mfu_peak"),
             "peak_gpu_gib": metrics.get("peak_gib"),
         },
         "eval": {f"{name}_{when}": metrics.get(f"eval_{name}{suffix}")
@@ -199,9 +200,11 @@ def export_adapter(cfg: Config, checkpoint, final: Path) -> Path:
     building = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         with checkpoint.as_directory() as folder:
-            for name in ADAPTER_FILES:
+            for name in (*ADAPTER_FILES, INITIAL_ADAPTER):
                 if (Path(folder) / name).exists():
                     shutil.copy2(Path(folder) / name, building / name)
+        if (building / INITIAL_ADAPTER).exists():  # lora.init pissa/olora: for the original base
+            to_plain_lora(building)
         load_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code).save_pretrained(building)
         replace_folder(building, final)
     finally:

@@ -10,8 +10,9 @@ shipped is absent here).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +27,7 @@ class MicroBatch:
     inputs: Batch
     units: int  # the method's units (trained tokens, answers, ...)
     real_tokens: int  # non-pad input tokens
+    sample_ids: list[int] = field(default_factory=list)  # the samples it holds (resume trace)
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,31 @@ class StepResult:
     stats: dict[str, float]  # the method's other STATS, per-unit means
 
 
+@dataclass
+class QueuedStep:
+    """A step whose work is queued on the device; `result()` waits for it and reads its
+    numbers. Until then the host is free to prepare the next step."""
+
+    names: tuple[str, ...]  # the method's STATS
+    sums: torch.Tensor  # their sums over all units of all ranks, on the device
+    units: int
+    tokens: int
+    grad_norm: torch.Tensor | float
+    metrics: Callable[[dict[str, float]], dict[str, float]]  # the method's `metrics`
+
+    def result(self) -> StepResult:
+        means = dict(zip(self.names, (self.sums / max(self.units, 1)).tolist()))
+        return StepResult(means.pop("loss"), self.tokens, float(self.grad_norm),
+                          self.metrics(means))
+
+
 def optimizer_step(engine, method: TrainingMethod, micro: list[MicroBatch],
-                   autocast: AbstractContextManager) -> StepResult:
-    """Forward and backward over `micro`, then the engine's optimizer step."""
-    counts = engine.all_reduce(torch.tensor([sum(m.units for m in micro),
-                                             sum(m.real_tokens for m in micro)],
-                                            device=engine.device, dtype=torch.long))
-    units, real_tokens = (int(x) for x in counts.tolist())
+                   autocast: AbstractContextManager) -> QueuedStep:
+    """Forward and backward over `micro`, then the engine's optimizer step, queued on the
+    device without waiting for it: the counts that weigh the batches were taken on the host
+    and are agreed over the host, and the loss and norm stay on the device."""
+    units, real_tokens = engine.agree([sum(m.units for m in micro),
+                                       sum(m.real_tokens for m in micro)])
     denominator = max(units, 1) / engine.dp_size  # the engine averages gradients over ranks
     sums = torch.zeros(len(method.STATS), device=engine.device, dtype=torch.float64)
     for i, batch in enumerate(micro):
@@ -52,8 +72,8 @@ def optimizer_step(engine, method: TrainingMethod, micro: list[MicroBatch],
             engine.backward(loss, last)
         sums += stats
     grad_norm = engine.step()
-    means = dict(zip(method.STATS, (engine.all_reduce(sums) / max(units, 1)).tolist()))
-    return StepResult(means.pop("loss"), real_tokens, grad_norm, means)
+    return QueuedStep(method.STATS, engine.all_reduce(sums), units, real_tokens, grad_norm,
+                      method.metrics)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from typing import Any
 from ray import tune
 
 from ray_app.config import Config, TuneSection, validate_config
+from ray_app.tune.space_language import with_value
 
 _DOMAINS = {
     "loguniform": lambda values: tune.loguniform(*values),
@@ -38,11 +39,10 @@ def study_base(cfg: Config) -> dict[str, Any]:
 
 
 def with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """`base` with each dotted key of `values` set."""
+    """`base` with each dotted key of `values` set (`train.lr`, `train.simpo.beta`)."""
     raw = copy.deepcopy(base)
     for key, value in values.items():
-        section, name = key.split(".")
-        raw[section][name] = value
+        raw = with_value(raw, key, value)
     return raw
 
 

@@ -103,6 +103,26 @@ def grid_problem(space: dict[str, Distribution], search: str) -> str | None:
     return None
 
 
+def config_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config model, nested sections included
+    (`train.lr`, `train.simpo.gamma`, `lora.use_dora`)."""
+    keys = []
+    for name, field in section.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys += config_keys(kind, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def with_value(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of the config dict `raw` with the dotted `key` set to `value` (the dicts on
+    its path copied, the rest shared)."""
+    head, _, rest = key.partition(".")
+    return {**raw, head: with_value(raw[head], rest, value) if rest else value}
+
+
 def space_problems(cfg: Config) -> list[str]:
     """One message per `tune.space` entry of `cfg` that a study cannot run: an unknown key,
     a key fixed in a study, or a range that draws values the key does not take."""
@@ -113,7 +133,7 @@ def space_problems(cfg: Config) -> list[str]:
 def _key_problem(cfg: Config, key: str, dist: Distribution) -> str | None:
     config = type(cfg)
     where = f"tune.space.{key}"
-    known = [f"{s}.{k}" for s, f in config.model_fields.items() for k in f.annotation.model_fields]
+    known = config_keys(config)
     if key not in known:
         hint = difflib.get_close_matches(key, known, n=1)
         did = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -122,11 +142,10 @@ def _key_problem(cfg: Config, key: str, dist: Distribution) -> str | None:
         return (f"{where}: {key} cannot vary between trials: every trial trains on the one "
                 "tokenized dataset of the study and fits the same resources. Set it outside "
                 "tune.space (run one study per value).")
-    section, name = key.split(".")
     base = cfg.model_dump(mode="json", exclude={"tune"})
     for value in dist.candidates():
         try:
-            config.model_validate({**base, section: {**base[section], name: value}})
+            config.model_validate(with_value(base, key, value))
         except ValidationError as err:
             reason = err.errors()[0]["msg"]
             fix = ("Use randint or choice for whole numbers." if "integer" in reason

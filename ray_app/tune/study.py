@@ -63,6 +63,10 @@ def check_study(cfg: Config) -> None:
     """Everything a study needs that can be checked before Ray starts: a search space, and
     the packages its settings need."""
     require_space(cfg)
+    reported = ("loss", "eval_loss", *(f"eval_{name}" for name in method_for(cfg).SUMMARY))
+    if cfg.tune.metric not in reported:
+        raise UserError(f"tune.metric: {cfg.tune.metric} is not reported by train.method: "
+                        f"{cfg.train.method}; it reports {', '.join(reported)}.")
     check_packages(cfg)
     if cfg.tune.search == "optuna":
         check_installed("optuna", "tune.search: optuna", "use tune.search: random")

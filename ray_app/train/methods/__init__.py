@@ -6,11 +6,17 @@ from ray_app.config import Config
 from ray_app.errors import UserError
 from ray_app.train.methods.base import TrainingMethod
 from ray_app.train.methods.dpo import DPO
+from ray_app.train.methods.kto import KTO
+from ray_app.train.methods.orpo import ORPO
 from ray_app.train.methods.sft import SFT
+from ray_app.train.methods.simpo import SimPO
 
 METHODS: dict[str, type[TrainingMethod]] = {
     "sft": SFT,
     "dpo": DPO,
+    "orpo": ORPO,
+    "simpo": SimPO,
+    "kto": KTO,
 }
 
 

@@ -1,7 +1,7 @@
 """The TrainingMethod seam: what one training objective needs from the data and the loop.
 
-A method says which records it trains on (`record_kind`: packed "sequences", or
-preference "pairs"), how a batch of them becomes model inputs (`collates`), what a micro-batch
+A method says which records it trains on (`record_kind`: packed "sequences",
+preference "pairs" or labelled "completions"), how a batch of them becomes model inputs (`collates`), what a micro-batch
 weighs in the step's average (`units`: trained tokens, pairs, ...), its loss and the
 per-unit statistics it reports (`loss`, `STATS`), and the same for evaluation. The loop
 and `ray_app.train.steps` do the rest the same way for every method: accumulation over
@@ -30,14 +30,17 @@ class TrainingMethod(ABC):
     and shipped to the workers, so they hold settings only (no tensors, no model)."""
 
     name: ClassVar[str]
-    # What the data pipeline must prepare: "sequences" (any SFT format, packed) or "pairs"
-    # (preference records: prompt, chosen, rejected; never packed).
+    # What the data pipeline must prepare: "sequences" (any SFT format, packed), "pairs"
+    # (preference records: prompt, chosen, rejected) or "completions" (prompt, completion,
+    # desirable or not); the last two are never packed.
     record_kind: ClassVar[str] = "sequences"
     # Statistics summed per unit over a step's micro-batches and workers, then divided by
     # the step's units; "loss" first. Reported as metrics under these names.
     STATS: ClassVar[tuple[str, ...]] = ("loss",)
     # Eval metrics (beyond eval_loss) that run_summary.json keeps, before and after.
     SUMMARY: ClassVar[tuple[str, ...]] = ()
+    # Rows per record in the forward pass that keeps activations (`ray-app estimate`).
+    TRAINED_ROWS: ClassVar[int] = 1
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -61,9 +64,14 @@ class TrainingMethod(ABC):
                   ) -> tuple[torch.Tensor, int]:
         """(sums of STATS over the batch's units, the units), without gradients."""
 
+    def metrics(self, means: dict[str, float]) -> dict[str, Any]:
+        """The reported metrics from the per-unit means of STATS (of a step, or of the eval
+        split): the means themselves, unless a method derives others from them."""
+        return means
+
     def eval_metrics(self, means: dict[str, float]) -> dict[str, Any]:
         """The eval metrics from the per-unit means of STATS over the eval split."""
-        return {f"eval_{name}": value for name, value in means.items()}
+        return {f"eval_{name}": value for name, value in self.metrics(means).items()}
 
     def describe(self) -> dict[str, Any]:
         """What a run records about the method (run_summary.json)."""

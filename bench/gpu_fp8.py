@@ -1,0 +1,221 @@
+"""FP8 frozen base (`model.precision: fp8`) on one GPU: matmul speed, quality, 1B speed,
+and the time a restart costs.
+
+1. `micro`: a frozen linear's forward + input-gradient pass (the work of a LoRA base layer)
+   at the Llama-3.1-8B layer shapes, 16,384 tokens, both compiled: bf16 `nn.Linear` against
+   `ray_app.model.fp8.FrozenFP8Linear`; median of 20 after warm-up, CUDA events.
+2. `quality`: the Llama-3.2-1B shape (random init), LoRA r16 on q,k,v,o, Liger + compile,
+   batch 16 x 2048, trained by `ray_app.train.run.run_training` for --steps steps on a
+   learnable synthetic corpus (arithmetic progressions written out as text: every number
+   follows from the two before it), once in bf16 and once with model.precision fp8. Both
+   loss curves, the final eval loss (16 held-out records) and the wall-clock tokens/s of
+   each run (`gpu_throughput.ray_app_run`: between the reports of step 10 and the last
+   before the final step, as the driver received them) are kept. In the same process:
+   the common recipe (`gpu_throughput.common_recipe`, HF + PEFT, gradient checkpointing, at
+   --common-batch) and the plain loop of ray_app's model stack without Ray
+   (`gpu_throughput.plain_loop_run`, random ids, timed between CUDA synchronisations) in
+   bf16 and FP8: the step-time baseline that ray_app's wall clock is compared with.
+3. `restart`: the same FP8 run with a worker failure injected after step 15 (checkpoint
+   every 10 steps); the run summary's restart record gives the time from the failure to
+   the end of the first step after it (`next_step_s`).
+
+Everything lands in <out>/gpu_fp8.json as it finishes; `--plot` draws
+<out>/gpu_fp8_loss.png from that file (needs matplotlib).
+
+    python bench/gpu_fp8.py --out OUT --work /tmp/fp8 micro quality restart
+    python bench/gpu_fp8.py --out bench/results --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_throughput as gt  # the bench's shared helpers (after the path insert)
+
+SHAPES_8B = [("q_proj", 4096, 4096), ("k/v_proj", 4096, 1024), ("o_proj", 4096, 4096),
+             ("gate/up_proj", 4096, 14336), ("down_proj", 14336, 4096)]
+
+
+def micro(tokens: int = 16384, reps: int = 20) -> list[dict[str, Any]]:
+    import torch
+
+    from ray_app.model.fp8 import FrozenFP8Linear
+
+    rows = []
+    for name, k, n in SHAPES_8B:
+        linear = torch.nn.Linear(k, n, bias=False, device="cuda",
+                                 dtype=torch.bfloat16).requires_grad_(False)
+        fp8 = FrozenFP8Linear(linear, torch.device("cuda"))
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+        times = {}
+        for label, module in (("bf16", linear), ("fp8", fp8)):
+            fn = torch.compile(lambda x, m=module: m(x))
+
+            def once(fn=fn, x=x, grad=grad):
+                fn(x).backward(grad)
+                x.grad = None
+
+            for _ in range(3):
+                once()
+            samples = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                once()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3)
+            times[label] = sorted(samples)[reps // 2]
+        flops = 2 * 2 * tokens * k * n  # forward + input gradient
+        rows.append({"layer": name, "in": k, "out": n, "tokens": tokens,
+                     "bf16_ms": times["bf16"] * 1e3, "fp8_ms": times["fp8"] * 1e3,
+                     "bf16_tflops": flops / times["bf16"] / 1e12,
+                     "fp8_tflops": flops / times["fp8"] / 1e12,
+                     "speedup": times["bf16"] / times["fp8"]})
+        print("MICRO", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def write_progressions(path: Path, records: int, seed: int) -> None:
+    """Arithmetic progressions as text ('count from 17 by 3: 17 20 23 ...'): after the first
+    two numbers every token is predictable, so the loss can fall far below its start."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(records):
+            start, step = rng.randint(0, 999), rng.randint(1, 19)
+            numbers = " ".join(str(start + i * step) for i in range(rng.randint(150, 400)))
+            f.write(json.dumps({"text": f"count from {start} by {step}: {numbers}"}) + "\n")
+
+
+def quality(args, work: Path, save) -> None:
+    import gc
+
+    import torch
+
+    model_dir = str(work / "model_1b")
+    if not (Path(model_dir) / "config.json").exists():
+        gt.build_model("1b").save_pretrained(model_dir)
+    train, evals = work / "progressions.jsonl", work / "progressions_eval.jsonl"
+    # Enough for --steps at batch 16 x 2048 in one epoch (about 3.3 tokens per number).
+    write_progressions(train, records=int(args.steps * 16 * 2048 / 800) + 200, seed=0)
+    write_progressions(evals, records=16, seed=1)
+    common = gt.common_recipe(gt.build_model("1b"), args.common_batch, 2048, warmup=3,
+                              steps=15)
+    save("common_recipe", {"batch": args.common_batch, **common})
+    gc.collect()
+    torch.cuda.empty_cache()
+    for precision in ("default", "fp8"):
+        plain = gt.plain_loop_run(model_dir, work, batch=16, seq=2048, warmup=5, steps=15,
+                                  compile_=True, liger="on", quantization="none",
+                                  checkpointing="none", precision=precision)
+        save(f"plain_loop_{precision}", {"batch": 16, **plain})
+        gc.collect()
+        torch.cuda.empty_cache()
+    for precision in ("default", "fp8"):
+        m = gt.ray_app_run(f"quality-{precision}", model_dir, train, evals, work, batch=16,
+                           seq=2048, steps=args.steps, warmup_steps=10, log_every=5,
+                           compile_=True, liger="on", quantization="none",
+                           checkpointing="none", precision=precision, lr=args.lr)
+        save(f"ray_app_{precision}", {"batch": 16, **m})
+
+
+def restart(args, work: Path, save) -> None:
+    from ray_app.train.faults import FAIL_AT_STEP_ENV
+
+    model_dir = str(work / "model_1b")
+    os.environ[FAIL_AT_STEP_ENV] = "15"
+    try:
+        m = gt.ray_app_run("restart-fp8", model_dir, work / "progressions.jsonl",
+                           work / "progressions_eval.jsonl", work, batch=16, seq=2048,
+                           steps=30, warmup_steps=20, log_every=5, compile_=True, liger="on",
+                           quantization="none", checkpointing="none", precision="fp8",
+                           checkpoint_every=10, max_failures=1, lr=args.lr)
+    finally:
+        os.environ.pop(FAIL_AT_STEP_ENV, None)
+    save("restart_fp8", {"batch": 16, **{k: m.get(k) for k in (
+        "restarts", "restart_history", "final_step", "summary_time_to_first_step_s",
+        "summary_warmup_s", "tokens_per_s")}})
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads((out / "gpu_fp8.json").read_text())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("ray_app_default", "bf16"), ("ray_app_fp8", "fp8 base")):
+        curve = [p for p in results[key]["curve"] if p.get("loss") is not None]
+        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve],
+                label=f"{label} (final eval loss {results[key]['eval_loss_final']:.4f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_yscale("log")
+    ax.set_title("Llama-3.2-1B shape, LoRA r16 q,k,v,o, arithmetic progressions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "gpu_fp8_loss.png", dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", choices=["micro", "quality", "restart"])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--work", default="/tmp/gpu_fp8")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--common-batch", type=int, default=16)
+    parser.add_argument("--plot", action="store_true", help="only draw the loss curves")
+    args = parser.parse_args()
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        plot(out)
+        return 0
+    import torch
+
+    file = out / "gpu_fp8.json"
+    results: dict[str, Any] = {
+        "command": "python bench/gpu_fp8.py " + shlex.join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "matmul_tflops": round(gt.matmul_tflops(), 1)}
+
+    def save(key: str, value: Any) -> None:
+        results[key] = value
+        file.write_text(json.dumps(results, indent=2) + "\n")
+        print("SAVED", key, json.dumps(value)[:600], flush=True)
+
+    t0 = time.perf_counter()
+    failed = False
+    for part in args.parts:
+        try:
+            if part == "micro":
+                save("micro", micro())
+            elif part == "quality":
+                quality(args, work, save)
+            elif part == "restart":
+                restart(args, work, save)
+        except Exception:  # noqa: BLE001 - keep the other parts
+            import traceback
+
+            traceback.print_exc()
+            failed = True
+        print(f"{part} done at {time.perf_counter() - t0:.0f}s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""model.precision: fp8, the FP8 frozen base.
+
+On CPU (CI): the setting is refused before Ray starts without GPUs, with nf4, with another
+dtype and with DeepSpeed, and on a device without FP8 tensor cores; the module's
+arithmetic (torch._scaled_mm has a CPU kernel) is checked against a float64 reference
+computed here, and the swap leaves LoRA, lm_head and the trainable parts alone.
+On a GPU with FP8 tensor cores (skipped elsewhere; the last run is in
+bench/results/gpu_tests_fp8.txt): a LoRA model's loss and adapter gradients against bf16,
+eager and compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import tiny_config
+
+from ray_app.config import LoraSection, validate_config
+from ray_app.errors import UserError
+from ray_app.model.fp8 import (
+    FrozenFP8Linear,
+    check_fp8_device,
+    fits_fp8,
+    quantize_rows,
+    to_fp8_base,
+)
+from ray_app.model.loading import add_lora
+
+pytestmark = pytest.mark.timeout(120)
+fp8_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a GPU with FP8 tensor cores")
+
+
+def _config(tmp_path, **model):
+    return tiny_config(tmp_path / "data.jsonl", tmp_path, model={"precision": "fp8", **model},
+                       scaling={"use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 1}})
+
+
+@pytest.mark.parametrize(("change", "names"), [
+    ({"scaling": {"use_gpu": False, "resources_per_worker": {"CPU": 1}}},
+     ("scaling.use_gpu", "model.precision: default")),
+    ({"model": {"quantization": "nf4"}}, ("model.quantization: nf4", "use one")),
+    ({"model": {"dtype": "float32"}}, ("model.dtype float32", "model.dtype: auto")),
+    ({"scaling": {"strategy": "deepspeed"}}, ("scaling.strategy", "fsdp")),
+])
+def test_fp8_is_refused_where_it_cannot_run_naming_the_setting_to_change(tmp_path, change,
+                                                                         names):
+    cfg = _config(tmp_path)
+    for section, values in change.items():
+        cfg[section] = {**cfg[section], **values}
+    with pytest.raises(UserError) as err:
+        validate_config(cfg)
+    assert all(name in str(err.value) for name in names), str(err.value)
+
+
+def test_fp8_on_a_gpu_config_validates(tmp_path):
+    assert validate_config(_config(tmp_path)).model.precision == "fp8"
+    assert validate_config(_config(tmp_path, dtype="bfloat16")).model.precision == "fp8"
+
+
+def test_a_worker_without_fp8_tensor_cores_refuses_with_the_fix(monkeypatch):
+    with pytest.raises(UserError, match="model.precision: default"):
+        check_fp8_device(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(UserError, match=r"A100 has 8\.0: set model.precision: default"):
+        check_fp8_device(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device(torch.device("cuda", 0))  # Hopper: no error
+
+
+def test_rowwise_quantisation_keeps_each_row_within_e4m3_rounding():
+    torch.manual_seed(0)
+    t = torch.randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different size
+    q, scale = quantize_rows(t)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    back = q.float() * scale
+    # e4m3 keeps 3 mantissa bits: relative rounding error at most 2^-4 (values near the
+    # row's maximum, which is scaled to 448, are the normal range of the format)
+    big = t.abs() > t.abs().amax(dim=1, keepdim=True) / 64
+    assert ((back - t).abs()[big] <= t.abs()[big] * 2**-4 + 1e-12).all()
+    assert (q.float().abs().amax(dim=1) == 448).all()  # each row uses the full range
+
+
+def test_frozen_fp8_linear_matches_a_float64_reference_forward_and_backward():
+    # On the GPU where there is one: torch's CPU kernel takes rowwise scales from 2.13 on.
+    fp8_capable = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    device = torch.device("cuda" if fp8_capable else "cpu")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=True).to(device, torch.bfloat16).requires_grad_(False)
+    fp8 = FrozenFP8Linear(linear, device)
+    x = torch.randn(4, 8, 128, dtype=torch.bfloat16, device=device, requires_grad=True)
+    y = fp8(x)
+    assert y.shape == (4, 8, 96) and y.dtype == torch.bfloat16
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn
+    w, b = linear.weight.double(), linear.bias.double()
+    reference = x.detach().double() @ w.T + b
+    reference_grad = grad.double() @ w
+    # Two e4m3 operands: a few percent of the output's scale, far less than a wrong matmul.
+    assert (y.double() - reference).norm() / reference.norm() < 0.05
+    assert (x.grad.double() - reference_grad).norm() / reference_grad.norm() < 0.05
+    assert not any(p.requires_grad for p in fp8.parameters())
+
+
+def _tiny_lora(targets):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    base = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
+    model = add_lora(base, LoraSection(r=4, alpha=8, dropout=0.0, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B, so the adapter changes the output
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_the_swap_replaces_only_frozen_decoder_linears_and_keeps_the_adapter():
+    model = _tiny_lora(["q_proj", "v_proj"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # q,k,v,o, gate, up, down (these are tiny; real layers below 2048 features stay bf16)
+    assert to_fp8_base(model, torch.device("cpu"), min_features=16) == 2 * 7
+    layer = model.base_model.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.base_layer, FrozenFP8Linear)  # under LoRA
+    assert isinstance(layer.mlp.down_proj, FrozenFP8Linear)  # no adapter
+    assert isinstance(layer.self_attn.q_proj.lora_A["default"], torch.nn.Linear)
+    assert type(model.base_model.model.lm_head) is torch.nn.Linear
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    # The FP8 copies are not state: checkpoints and merges see no base tensors of theirs.
+    assert not any("weight_fp8" in k for k in model.state_dict())
+
+
+def test_flops_count_the_fp8_linears_as_the_bf16_ones():
+    from ray_app.train.flops import flops_per_token
+
+    bf16 = flops_per_token(_tiny_lora("all-linear"), 32)
+    model = _tiny_lora("all-linear")
+    assert to_fp8_base(model, torch.device("cpu"), min_features=16) == 2 * 7
+    assert flops_per_token(model, 32) == bf16
+
+
+def _loss_and_grads(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.loss.item(), grads
+
+
+@fp8_gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_lora_loss_and_adapter_gradients_follow_bf16_on_the_gpu(compiled):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ray_app.model.loading import decoder_layers
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+    base = LlamaForCausalLM(config).to(cuda, torch.bfloat16).requires_grad_(False)
+    model = add_lora(base, LoraSection(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    if compiled:
+        for layer in decoder_layers(model):
+            layer.compile()
+    ids = torch.randint(0, 32000, (4, 512), device=cuda,
+                        generator=torch.Generator(cuda).manual_seed(0))
+    loss16, grads16 = _loss_and_grads(model, ids)
+    assert to_fp8_base(model, cuda, min_features=16) == 4 * 7
+    loss8, grads8 = _loss_and_grads(model, ids)
+    assert loss8 == pytest.approx(loss16, rel=0.01)
+    for name, g in grads16.items():
+        cosine = torch.nn.functional.cosine_similarity(g.flatten(), grads8[name].flatten(), dim=0)
+        assert cosine > 0.95, (name, cosine.item())
+
+
+def test_layers_too_small_for_fp8_to_pay_stay_bf16():
+    with torch.device("meta"):
+        kv, q, mlp = (torch.nn.Linear(4096, 1024), torch.nn.Linear(4096, 4096),
+                      torch.nn.Linear(14336, 4096))
+    assert not fits_fp8(kv) and fits_fp8(q) and fits_fp8(mlp)
