@@ -163,7 +163,7 @@ def test_packed_rows_restart_positions_and_mask_each_first_label(prepared):
 def test_report_renders_per_source_reasons(prepared):
     from rich.console import Console
 
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=1000)  # no cell wraps, however long the tmp path
     render_report(prepared[0].report, console)
     out = console.export_text()
     assert "chat_b.jsonl" in out and "1 too long" in out and "packing efficiency" in out
