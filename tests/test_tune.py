@@ -28,13 +28,11 @@ def _study_config(small_data, tmp_path) -> dict:
         scaling={"num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
         run={"name": "study"},
     )
-    # A good and a hopeless learning rate, at two ranks each: 4 trials, in grid order (the
-    # rank varies fastest) both good ones first, one at a time, so that ASHA has their
-    # results at step 2 when it judges the hopeless ones: its decisions depend on which
-    # trials reached a rung first, and trials running at once make that a race.
-    cfg["tune"] = {"space": {"train.lr": {"grid": [3e-3, 1e-6]}, "lora.r": {"grid": [4, 8]}},
-                   "num_samples": 1, "scheduler": "asha", "grace_period": 2,
-                   "reduction_factor": 2, "workers_per_trial": 1, "max_concurrent_trials": 1}
+    # A good and a hopeless learning rate, twice each: 4 trials, 2 at once on 2 CPUs
+    # (1 kept for Ray Data, 0.5 per one-worker trial); ASHA compares them at step 2.
+    cfg["tune"] = {"space": {"train.lr": {"grid": [3e-3, 1e-6]}, "lora.r": {"choice": [4, 8]}},
+                   "num_samples": 2, "scheduler": "asha", "grace_period": 2,
+                   "reduction_factor": 2, "workers_per_trial": 1}
     return cfg
 
 
@@ -62,8 +60,7 @@ def test_study_stops_bad_trials_resumes_after_interrupt_and_best_config_trains(
 
     first = run_study(cfg, Console(width=160), callbacks=[InterruptAfter(3)])
     assert first["status"] == "interrupted"
-    by_id = sorted(first["trials"], key=lambda t: t["trial_id"])
-    assert [t["values"]["train.lr"] for t in by_id] == [3e-3, 3e-3, 1e-6, 1e-6]
+    assert first["study"]["max_concurrent_trials"] == 2
     finished = {t["trial_id"]: t for t in first["trials"] if t["status"] in (COMPLETED, STOPPED)}
     assert len(finished) >= 3
 
