@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from ray_app.config import DpoSection
 from ray_app.train.methods.answers import answer_logps, reference_logps
-from ray_app.train.methods.pairwise import PairwiseMethod
+from ray_app.train.methods.pairwise import REWARD_STATS, PairwiseMethod, reward_stats
 
 # Per pair, summed over pairs (then divided by the pair count for the metrics).
-STATS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+STATS = REWARD_STATS
 
 
 def pair_losses(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor,
@@ -39,10 +39,7 @@ def pair_losses(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Ten
     else:  # ipo: the log-ratios per answer token, so the target does not scale with length
         n_chosen, n_rejected = tokens.clamp(min=1).chunk(2)
         losses = (chosen / n_chosen - rejected / n_rejected - 1 / (2 * beta)) ** 2
-    chosen_reward, rejected_reward = beta * chosen.detach(), beta * rejected.detach()
-    stats = torch.stack([losses.detach(), (chosen_reward > rejected_reward).double(),
-                         chosen_reward - rejected_reward, chosen_reward, rejected_reward], 1)
-    return losses, stats.double()
+    return losses, reward_stats(losses, beta * chosen, beta * rejected)
 
 
 class DPO(PairwiseMethod):

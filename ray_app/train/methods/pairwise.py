@@ -11,6 +11,19 @@ import torch
 from ray_app.train.methods.answers import ROW, PairCollate
 from ray_app.train.methods.base import TrainingMethod
 
+# The statistics of a method whose loss compares a reward of the chosen answer with one of
+# the rejected answer (DPO, SimPO), per pair.
+REWARD_STATS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+
+
+def reward_stats(losses: torch.Tensor, chosen_reward: torch.Tensor,
+                 rejected_reward: torch.Tensor) -> torch.Tensor:
+    """REWARD_STATS per pair [pairs, 5], in float64 (summed over many batches)."""
+    chosen_reward, rejected_reward = chosen_reward.detach(), rejected_reward.detach()
+    return torch.stack([losses.detach(), (chosen_reward > rejected_reward).to(losses.dtype),
+                        chosen_reward - rejected_reward, chosen_reward, rejected_reward],
+                       1).double()
+
 
 class PairwiseMethod(TrainingMethod):
     record_kind = "pairs"

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from ray_app.config import SimpoSection
 from ray_app.train.methods.answers import answer_logps
-from ray_app.train.methods.pairwise import PairwiseMethod
+from ray_app.train.methods.pairwise import REWARD_STATS, PairwiseMethod, reward_stats
 
-STATS = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+STATS = REWARD_STATS
 
 
 def simpo_losses(logps: torch.Tensor, tokens: torch.Tensor, settings: SimpoSection
@@ -29,10 +29,7 @@ def simpo_losses(logps: torch.Tensor, tokens: torch.Tensor, settings: SimpoSecti
     chosen, rejected = (logps / tokens.clamp(min=1)).chunk(2)
     logits = chosen - rejected - settings.gamma / beta
     losses = -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
-    chosen_reward, rejected_reward = beta * chosen.detach(), beta * rejected.detach()
-    stats = torch.stack([losses.detach(), (chosen_reward > rejected_reward).to(losses.dtype),
-                         chosen_reward - rejected_reward, chosen_reward, rejected_reward], 1)
-    return losses, stats.double()
+    return losses, reward_stats(losses, beta * chosen, beta * rejected)
 
 
 class SimPO(PairwiseMethod):
