@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import time
 from urllib.parse import urlparse
 
 from rich.console import Console
@@ -37,10 +38,11 @@ def connect(address: str | None, num_cpus: int | None = None, verbose: bool = Fa
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(quiet)
     try:
-        context = ray.init(
+        context = _init_with_retries(
             address=address, num_cpus=num_cpus if not address else None,
             logging_level=quiet, log_to_driver=verbose, configure_logging=True,
             runtime_env={"env_vars": _propagated_env()} if address else None,
+            **(_own_dashboard() if not address and not os.environ.get("RAY_ADDRESS") else {}),
         )
     except ConnectionError as err:
         raise UserError(
@@ -55,6 +57,50 @@ def connect(address: str | None, num_cpus: int | None = None, verbose: bool = Fa
     if not verbose:
         _quiet_console_handlers("ray.data")
     return getattr(context, "dashboard_url", "") or ""
+
+
+_API_SERVER_VAR = "RAY_API_SERVER_ADDRESS"
+_own_api_server: str | None = None  # the value this process gave _API_SERVER_VAR
+
+
+def _own_dashboard() -> dict[str, int]:
+    """A new local cluster's dashboard port, also named to the cluster's processes.
+
+    Ray's processes reach their cluster's state API through a Ray instance they look for
+    on this machine unless something names it. With two local clusters on one machine (two
+    runs at once, or parallel test workers) that lookup fails, and Ray Train's
+    placement-group cleaner dies with it: a Tune trial that ASHA stops then keeps its
+    workers' CPUs reserved until the driver exits, and later trials wait for them."""
+    global _own_api_server
+    if os.environ.get(_API_SERVER_VAR, _own_api_server) != _own_api_server:
+        return {}  # the user's own setting
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    _own_api_server = os.environ[_API_SERVER_VAR] = f"http://127.0.0.1:{port}"
+    return {"dashboard_port": port}
+
+
+# A Ray client server dies now and then while its proxy forks it (a gRPC poller race,
+# ray-project/ray#63202); a new connection gets a new server, so the error is retried.
+_CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_CONNECT_ATTEMPTS = 3
+
+
+def _init_with_retries(**init_kwargs):
+    import ray
+
+    for attempt in range(1, CLIENT_CONNECT_ATTEMPTS + 1):
+        try:
+            return ray.init(**init_kwargs)
+        except ConnectionError as err:
+            if _CLIENT_SERVER_FAILED not in str(err) or attempt == CLIENT_CONNECT_ATTEMPTS:
+                raise
+            logging.getLogger("ray_app").warning(
+                "The Ray client server failed to start (attempt %d of %d); connecting again.",
+                attempt, CLIENT_CONNECT_ATTEMPTS)
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
 
 
 def on_cluster(fn, *args):

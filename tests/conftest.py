@@ -19,14 +19,20 @@ from ray_app.quickstart import build_assets
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
-# The longest module first: CI runs the suite on two pytest-xdist workers (`-n 2 --dist
-# loadfile`, whole modules per worker), and the multi-node cluster module, started last,
-# would leave one worker alone for its whole length at the end.
-LONGEST_FIRST = ("test_cluster.py",)
+# The longest modules first: CI runs the suite on two pytest-xdist workers (`-n 2 --dist
+# loadfile`, whole modules per worker, in this order), and a long module started last
+# (the multi-node cluster module takes a third of the run) would leave one worker alone
+# for its whole length at the end; the short ones fill the gaps.
+LONGEST_FIRST = ("test_cluster.py", "test_strategies.py", "test_preference_methods.py",
+                 "test_recovery.py", "test_tune.py", "test_dpo.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: keeps the rest
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: keeps the order within a module and among the rest
 
 
 @pytest.fixture(scope="session")

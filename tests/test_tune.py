@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 import yaml
@@ -18,6 +19,24 @@ from ray_app.config import load_config, validate_config
 from ray_app.errors import UserError
 from ray_app.tune.capacity import concurrent_trials
 from ray_app.tune.table import COMPLETED, STOPPED
+
+
+def _placement_groups() -> dict[str, str]:
+    from ray.util import placement_group_table
+
+    return {pg_id: pg["state"] for pg_id, pg in placement_group_table().items()}
+
+
+def _wait_released(before: dict[str, str], timeout_s: float = 60) -> None:
+    """Every placement group made since `before` is removed within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held = {pg_id: state for pg_id, state in _placement_groups().items()
+                if pg_id not in before and state != "REMOVED"}
+        if not held:
+            return
+        assert time.monotonic() < deadline, f"reservations left after the study: {held}"
+        time.sleep(0.5)
 
 
 def _study_config(small_data, tmp_path) -> dict:
@@ -58,8 +77,12 @@ def test_study_stops_bad_trials_resumes_after_interrupt_and_best_config_trains(
     path.write_text(yaml.safe_dump(_study_config(small_data, tmp_path)))
     cfg = load_config(path)
 
+    before = _placement_groups()
     first = run_study(cfg, Console(width=160), callbacks=[InterruptAfter(3)])
     assert first["status"] == "interrupted"
+    # The trials that ASHA stopped or the interrupt ended hold no CPUs any more: Ray Train
+    # frees a killed trial's worker reservation once its controller is gone.
+    _wait_released(before)
     assert first["study"]["max_concurrent_trials"] == 2
     finished = {t["trial_id"]: t for t in first["trials"] if t["status"] in (COMPLETED, STOPPED)}
     assert len(finished) >= 3
@@ -67,6 +90,7 @@ def test_study_stops_bad_trials_resumes_after_interrupt_and_best_config_trains(
     with pytest.raises(UserError, match="--resume"):
         run_study(cfg, Console(width=160))
     assert main(["tune", str(path), "--resume"]) == 0
+    _wait_released(before)
     out = tmp_path / "out"
     summary = json.loads((out / "tune_summary.json").read_text())
     trials = {t["trial_id"]: t for t in summary["trials"]}
