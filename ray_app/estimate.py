@@ -92,8 +92,8 @@ class Plan:
     # passes keep nothing).
     rows: int = 1
     # The method computes answer log-probs from the logits, Liger or not (the preference
-    # methods; at the answer positions only, counted for whole rows); SFT with Liger never
-    # holds them.
+    # methods: a chunk of answer tokens at a time, `answers.answer_logps`); SFT with Liger
+    # never holds them.
     full_logits: bool = False
     fused_eval: bool = True  # evaluation through Liger's fused loss (no full logits)
     dora: bool = False  # lora.use_dora: noted, not counted
@@ -205,11 +205,19 @@ def _checkpointed_layers(shape: Shape, plan: Plan) -> int:
     return len(range(0, shape.layers, every))
 
 
-def _logits(shape: Shape, plan: Plan, tokens: int, fused: bool, grad: bool = True) -> float:
+def _logits(shape: Shape, plan: Plan, tokens: int, fused: bool, grad: bool = True,
+            answers: bool = False) -> float:
     if fused:  # Liger: rows in chunks of ~tokens*hidden/vocab, bf16 logits + fp32 grad
         rows = math.ceil(tokens / math.ceil(shape.vocab / shape.hidden))
         chunk = 2 ** math.ceil(math.log2(max(1, rows)))
         return min(chunk, tokens) * shape.vocab * 6 + tokens * shape.hidden * 2
+    if answers:  # the preference methods: one chunk of answer tokens at a time, plus their
+        # gathered final hidden states (bf16)
+        from ray_app.train.methods.answers import LOGITS_BUDGET_BYTES
+
+        per_token = shape.vocab * (12 if grad else 10)
+        chunk = max(1, LOGITS_BUDGET_BYTES // (10 * shape.vocab))
+        return min(chunk, tokens) * per_token + tokens * shape.hidden * 2
     # bf16 logits, their fp32 copy, the fp32 log-softmax output, and in training its gradient.
     return tokens * shape.vocab * (12 if grad else 10)
 
@@ -251,11 +259,12 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
         notes.append("DoRA is not counted: it adds about one output-sized activation per "
                      "adapted layer and a transient full-size weight of the largest one")
     if plan.full_logits:
-        notes.append("preference methods score answers from the logits at the answer "
-                     "positions (Liger's fused loss does not apply to them), counted here for "
-                     "whole rows: an upper bound when prompts are long")
+        notes.append("preference methods compute the answer tokens' logits a chunk at a time "
+                     "(at most 1 GiB of them at once; with ZeRO-3 all at once)")
 
-    logits = _logits(shape, plan, tokens, plan.liger and not plan.full_logits)
+    # ZeRO-3 keeps whole answer logits (`answers.answer_logps`).
+    chunked = plan.full_logits and not (plan.strategy == "deepspeed" and plan.zero_stage == 3)
+    logits = _logits(shape, plan, tokens, plan.liger and not plan.full_logits, answers=chunked)
     # Autocast's bf16 copies of the fp32 adapter weights, kept for the backward pass.
     buffers = 0.0 if plan.method == "full" else trainable * 2.0
     if plan.method == "qlora":
@@ -270,7 +279,8 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
     parts["buffers"] += OVERHEAD * sum(parts.values())
     eval_tokens = plan.sequences * plan.seq_len  # the same rows, without gradients
     eval_logits = _logits(shape, plan, eval_tokens,
-                          plan.liger and plan.fused_eval and not plan.full_logits, grad=False)
+                          plan.liger and plan.fused_eval and not plan.full_logits, grad=False,
+                          answers=chunked)
     eval_peak = (weights + adapter + eval_logits + eval_tokens * shape.hidden * 8) * (1 + OVERHEAD)
     return Estimate(parts=parts, eval_peak=eval_peak, notes=notes)
 

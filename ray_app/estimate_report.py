@@ -25,7 +25,7 @@ PART_NOTES = {
     "gradients": "fp32 gradients of the trainable parameters",
     "optimizer": "AdamW states (2 fp32, or 8-bit)",
     "activations": "kept for the backward pass (bf16)",
-    "logits": "loss head: full logits, or Liger's fused chunks",
+    "logits": "loss head: full logits, or in chunks (Liger; preference answers)",
     "buffers": "dequantization, DDP buckets, masks, +5% allocator",
 }
 
@@ -86,7 +86,8 @@ def render(shape: Shape, plan: Plan, est: Estimate, rec: Recommendation, gpu_gib
         table.add_row(name, _gib(value), PART_NOTES[name])
     table.add_row("[bold]training peak[/]", f"[bold]{_gib(est.train_peak)}[/]", "")
     table.add_row("evaluation peak", _gib(est.eval_peak),
-                  "fused loss" if plan.liger and plan.fused_eval else "full logits")
+                  "answer logits in chunks" if plan.full_logits
+                  else "fused loss" if plan.liger and plan.fused_eval else "full logits")
     console.print(table)
     for note in est.notes:
         console.print(f"note: {note}")

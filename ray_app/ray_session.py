@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,13 +38,15 @@ def connect(address: str | None, num_cpus: int | None = None, verbose: bool = Fa
     quiet = logging.INFO if verbose else logging.WARNING
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(quiet)
+    local = not address and not os.environ.get("RAY_ADDRESS")
     try:
-        context = _init_with_retries(
-            address=address, num_cpus=num_cpus if not address else None,
-            logging_level=quiet, log_to_driver=verbose, configure_logging=True,
-            runtime_env={"env_vars": _propagated_env()} if address else None,
-            **(_own_dashboard() if not address and not os.environ.get("RAY_ADDRESS") else {}),
-        )
+        with _own_dashboard() if local else contextlib.nullcontext({}) as dashboard:
+            context = _init_with_retries(
+                address=address, num_cpus=num_cpus if not address else None,
+                logging_level=quiet, log_to_driver=verbose, configure_logging=True,
+                runtime_env={"env_vars": _propagated_env()} if address else None,
+                **dashboard,
+            )
     except ConnectionError as err:
         raise UserError(
             f"Cannot connect to the Ray cluster at {address!r}: {err}. Start one with "
@@ -60,25 +63,30 @@ def connect(address: str | None, num_cpus: int | None = None, verbose: bool = Fa
 
 
 _API_SERVER_VAR = "RAY_API_SERVER_ADDRESS"
-_own_api_server: str | None = None  # the value this process gave _API_SERVER_VAR
 
 
-def _own_dashboard() -> dict[str, int]:
-    """A new local cluster's dashboard port, also named to the cluster's processes.
+@contextlib.contextmanager
+def _own_dashboard():
+    """A new local cluster's dashboard port, named to the cluster's processes.
 
     Ray's processes reach their cluster's state API through a Ray instance they look for
     on this machine unless something names it. With two local clusters on one machine (two
     runs at once, or parallel test workers) that lookup fails, and Ray Train's
     placement-group cleaner dies with it: a Tune trial that ASHA stops then keeps its
-    workers' CPUs reserved until the driver exits, and later trials wait for them."""
-    global _own_api_server
-    if os.environ.get(_API_SERVER_VAR, _own_api_server) != _own_api_server:
-        return {}  # the user's own setting
+    workers' CPUs reserved until the driver exits, and later trials wait for them. The
+    variable is set only while `ray.init` starts the cluster's processes (they inherit
+    it): in this process it would redirect every later Jobs SDK call to this dashboard."""
+    if os.environ.get(_API_SERVER_VAR):  # the user's own setting
+        yield {}
+        return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    _own_api_server = os.environ[_API_SERVER_VAR] = f"http://127.0.0.1:{port}"
-    return {"dashboard_port": port}
+    os.environ[_API_SERVER_VAR] = f"http://127.0.0.1:{port}"
+    try:
+        yield {"dashboard_port": port}
+    finally:
+        del os.environ[_API_SERVER_VAR]
 
 
 # A Ray client server dies now and then while its proxy forks it (a gRPC poller race,

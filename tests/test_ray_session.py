@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from unittest import mock
 
@@ -45,3 +46,27 @@ def test_other_connection_errors_are_not_retried():
     with pytest.raises(UserError, match="Cannot connect") as err:
         _connect_with(init)
     assert "unauthenticated" in str(err.value) and init.call_count == 1
+
+
+def test_a_local_cluster_names_its_own_dashboard_to_its_processes_only(monkeypatch):
+    """The processes `ray.init` starts inherit RAY_API_SERVER_ADDRESS (their dashboard);
+    this process keeps no such variable, which would send later Jobs SDK calls there."""
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    seen = {}
+
+    def init(**kwargs):
+        seen.update(kwargs, env=os.environ.get("RAY_API_SERVER_ADDRESS"))
+        return SimpleNamespace(dashboard_url="")
+
+    with mock.patch("ray.init", init), mock.patch("ray.is_initialized", return_value=False):
+        ray_session.connect(None, num_cpus=1)
+    assert seen["env"] == f"http://127.0.0.1:{seen['dashboard_port']}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.5:8265")  # the user's own
+    seen.clear()
+    with mock.patch("ray.init", init), mock.patch("ray.is_initialized", return_value=False):
+        ray_session.connect(None, num_cpus=1)
+    assert "dashboard_port" not in seen and seen["env"] == "http://10.0.0.5:8265"
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://10.0.0.5:8265"

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ray_app.data.collate import REAL_TOKENS, PackedCollate
 from ray_app.data.order import SAMPLE_ID
@@ -103,14 +104,64 @@ def kl_view(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(KL_PREFIX):]: v for k, v in batch.items() if k.startswith(KL_PREFIX)}
 
 
-def answer_logps(model, batch: dict[str, torch.Tensor], autocast) -> tuple[torch.Tensor, torch.Tensor]:
+# The logits of at most this many bytes exist at once in `answer_logps` (bf16 logits, their
+# fp32 copy and fp32 log-softmax: 10 bytes per token and vocabulary entry). 8 pairs of
+# 512-token answers under a 128k vocabulary would take 10 GiB in one piece.
+LOGITS_BUDGET_BYTES = 1 << 30
+_BYTES_PER_LOGIT = 10
+_WHOLE_LOGITS = "_ray_app_whole_logits"  # set on an output layer that the probe refuted
+
+
+def answer_logps(model, batch: dict[str, torch.Tensor], autocast,
+                 chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p over each row's trained tokens, their count), per row.
 
-    The model computes logits only at the positions that predict a trained token of some
-    row (transformers' and Liger's `logits_to_keep`): the prompts' logits, often most of
-    a preference batch's, are never materialised."""
+    Only the trained tokens' logits are computed (the prompts', often most of a preference
+    batch, never are), and those a chunk of `chunk_tokens` at a time (by default as many
+    as fit LOGITS_BUDGET_BYTES): the model returns its final hidden states, its output
+    layer runs per chunk under activation checkpointing, and backward recomputes one
+    chunk's logits at a time. The model's own logits at one position are computed in the
+    same forward and checked against the output layer's: an architecture that transforms
+    its logits in a way not known here falls back to whole logits (exact, more memory)."""
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+    trained = labels != IGNORE
+    keep = trained.any(0).nonzero().squeeze(1)
+    inner = _unwrapped(model)
+    head = inner.get_output_embeddings()
+    # ZeRO-3 gathers a partitioned weight for the model's forward only, not for the
+    # recomputation of a chunk in backward: whole logits there.
+    partitioned = hasattr(getattr(head, "weight", None), "ds_id")
+    if partitioned or getattr(head, _WHOLE_LOGITS, False) or len(keep) == 0:
+        return _whole_logits_logps(model, batch, autocast, labels, keep)
+    cap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2 and 3
+    with autocast:
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    use_cache=False, output_hidden_states=True, logits_to_keep=keep[:1])
+    final = out.hidden_states[-1]
+    with torch.no_grad():
+        probe = _logits(head, final[:, keep[:1]].detach(), autocast, cap)
+        expected = out.logits.detach().float()
+        reproduced = torch.allclose(probe, expected, rtol=0.0,
+                                    atol=0.02 * max(1.0, float(expected.abs().max())))
+    if not reproduced:
+        setattr(head, _WHOLE_LOGITS, True)
+        return _whole_logits_logps(model, batch, autocast, labels, keep)
+    hidden = final[:, :-1][trained]  # [trained tokens, hidden]
+    targets = labels[trained]
+    if chunk_tokens is None:
+        vocab = getattr(head, "out_features", 0) or int(expected.shape[-1])
+        chunk_tokens = max(1, LOGITS_BUDGET_BYTES // (_BYTES_PER_LOGIT * vocab))
+    pieces = []
+    for start in range(0, len(targets), chunk_tokens):
+        piece = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens],
+                 autocast, cap)
+        pieces.append(checkpoint(_token_logps, *piece, use_reentrant=False)
+                      if torch.is_grad_enabled() else _token_logps(*piece))
+    return _per_row(torch.cat(pieces), batch[ROW][:, 1:][trained], batch)
+
+
+def _whole_logits_logps(model, batch, autocast, labels, keep):
+    """answer_logps with the logits of every kept position in one piece."""
     with autocast:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        use_cache=False, logits_to_keep=keep).logits
@@ -119,12 +170,34 @@ def answer_logps(model, batch: dict[str, torch.Tensor], autocast) -> tuple[torch
     token_logps = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="none").view_as(labels)
     trained = labels != IGNORE
-    owner = batch[ROW][:, 1:][:, keep][trained]
+    return _per_row(token_logps[trained], batch[ROW][:, 1:][:, keep][trained], batch)
+
+
+def _per_row(token_logps: torch.Tensor, owner: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
     rows = int(batch[ROW].max()) + 1
-    sums = token_logps.new_zeros(rows).index_add(0, owner, token_logps[trained])
+    sums = token_logps.new_zeros(rows).index_add(0, owner, token_logps)
     counts = torch.zeros(rows, dtype=torch.long, device=owner.device).index_add(
         0, owner, torch.ones_like(owner))
     return sums, counts
+
+
+def _logits(head, hidden: torch.Tensor, autocast, cap: float | None) -> torch.Tensor:
+    with autocast:
+        logits = head(hidden)
+    logits = logits.float()
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _token_logps(head, hidden, targets, autocast, cap) -> torch.Tensor:
+    return -F.cross_entropy(_logits(head, hidden, autocast, cap), targets, reduction="none")
+
+
+def _unwrapped(model) -> torch.nn.Module:
+    """The PEFT model under a DDP or DeepSpeed wrapper. Its output layer is called as a
+    module, so that FSDP2 and ZeRO-3 gather its weight as they do in the forward."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def reference_logps(engine, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
