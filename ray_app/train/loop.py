@@ -158,6 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 reporter.publish(metrics)
             reporter.pause()
             if notice == watch.SIGTERM and not final:
+                reporter.wait_until_taken()
                 raise PreemptedError(f"SIGTERM: checkpoint written at step {state.step}; "
                                      "stopping so that Ray Train restarts from it")
             if final:

@@ -4,6 +4,7 @@ progress hub)."""
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -151,6 +152,22 @@ class Reporter:
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=(ckpt.folder_name(state.step, self.attempt)
                                               if checkpoint else None))
+
+    def wait_until_taken(self, timeout_s: float = 30.0) -> None:
+        """Returns once Ray Train's controller has taken every rank's last report. A worker
+        that stops right after reporting a checkpoint could otherwise fail the group before
+        the controller has that checkpoint from every rank, and the restart would go back
+        to the one before. Each rank waits for its own report, then for the others."""
+        try:  # the worker's report queue: Ray Train marks a report done when it takes it
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            reports = get_train_context().get_result_queue()
+            deadline = time.monotonic() + timeout_s
+            while reports.unfinished_tasks and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except (ImportError, AttributeError):  # another Ray Train: a few of its polls
+            time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+        self.engine.agree([1], "max")
 
     def checkpoint(self, metrics: dict[str, Any], final: bool) -> None:
         """Writes and reports a checkpoint of the current step (all ranks)."""
