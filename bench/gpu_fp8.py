@@ -15,9 +15,10 @@ and the time a restart costs.
    --common-batch) and the plain loop of ray_app's model stack without Ray
    (`gpu_throughput.plain_loop_run`, random ids, timed between CUDA synchronisations) in
    bf16 and FP8: the step-time baseline that ray_app's wall clock is compared with.
-3. `restart`: the same FP8 run with a worker failure injected after step 15 (checkpoint
-   every 10 steps); the run summary's restart record gives the time from the failure to
-   the end of the first step after it (`next_step_s`).
+3. `restart`: an FP8 run (`--restart-model`: the 1B shape at batch 16 or the 8B shape at
+   batch 8) with a worker failure injected after step 15 (checkpoint every 10 steps); the
+   run summary's restart record gives the time from the failure to the end of the first
+   step after it (`next_step_s`), with the compile caches kept by the run.
 
 Everything lands in <out>/gpu_fp8.json as it finishes; `--plot` draws
 <out>/gpu_fp8_loss.png from that file (needs matplotlib).
@@ -134,19 +135,27 @@ def quality(args, work: Path, save) -> None:
 def restart(args, work: Path, save) -> None:
     from ray_app.train.faults import FAIL_AT_STEP_ENV
 
-    model_dir = str(work / "model_1b")
+    key = args.restart_model
+    model_dir = str(work / f"model_{key}")
+    if not (Path(model_dir) / "config.json").exists():
+        gt.build_model(key).save_pretrained(model_dir)
+    train, evals = work / "progressions.jsonl", work / "progressions_eval.jsonl"
+    if not train.exists():
+        write_progressions(train, records=int(30 * 16 * 2048 / 800) + 200, seed=0)
+        write_progressions(evals, records=16, seed=1)
+    batch = 16 if key == "1b" else 8
     os.environ[FAIL_AT_STEP_ENV] = "15"
     try:
-        m = gt.ray_app_run("restart-fp8", model_dir, work / "progressions.jsonl",
-                           work / "progressions_eval.jsonl", work, batch=16, seq=2048,
-                           steps=30, warmup_steps=20, log_every=5, compile_=True, liger="on",
-                           quantization="none", checkpointing="none", precision="fp8",
-                           checkpoint_every=10, max_failures=1, lr=args.lr)
+        m = gt.ray_app_run(f"restart-fp8-{key}", model_dir, train, evals, work, batch=batch,
+                           seq=2048, steps=30, warmup_steps=20, log_every=5, compile_=True,
+                           liger="on", quantization="none", checkpointing="none",
+                           precision="fp8", checkpoint_every=10, max_failures=1, lr=args.lr)
     finally:
         os.environ.pop(FAIL_AT_STEP_ENV, None)
-    save("restart_fp8", {"batch": 16, **{k: m.get(k) for k in (
-        "restarts", "restart_history", "final_step", "summary_time_to_first_step_s",
-        "summary_warmup_s", "tokens_per_s")}})
+    save(f"restart_fp8_{key}", {"model": gt.SHAPES[key]["name"], "batch": batch, **{
+        k: m.get(k) for k in ("restarts", "restart_history", "final_step",
+                              "summary_time_to_first_step_s", "summary_warmup_s",
+                              "tokens_per_s")}})
 
 
 def plot(out: Path) -> None:
@@ -178,6 +187,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--common-batch", type=int, default=16)
+    parser.add_argument("--restart-model", choices=["1b", "8b"], default="1b",
+                        help="the shape of the restart part (8b: batch 8)")
     parser.add_argument("--plot", action="store_true", help="only draw the loss curves")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)

@@ -39,21 +39,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_throughput import LORA_ALPHA, LORA_R, LORA_TARGETS, SHAPES, TOKENIZER, build_model
 
 METHOD_NAMES = ("dpo", "orpo", "simpo", "kto", "sft")
+# LoRA variants, each run as `METHOD+VARIANT` (e.g. dpo+dora): the settings they change.
+# PiSSA moves the base's principal part into the adapter and so changes the base that the
+# later runs share: list it last.
+VARIANTS = {
+    "dora": ({"use_dora": True}, {}),
+    "rslora": ({"use_rslora": True}, {}),
+    "pissa": ({"init": "pissa_niter_4"}, {}),
+    "olora": ({"init": "olora"}, {}),
+    "loraplus": ({}, {"lora_plus_ratio": 16.0}),
+}
 
 
-def method_config(method: str, args, model_dir: str):
+def method_config(spec: str, args, model_dir: str):
+    """The config of a run `METHOD[+VARIANT...]`."""
     from ray_app.config import validate_config
 
+    method, *variants = spec.split("+")
+    lora_extra, train_extra = {}, {}
+    for name in variants:
+        lora_extra.update(VARIANTS[name][0])
+        train_extra.update(VARIANTS[name][1])
     gpu = not args.cpu_smoke
     return validate_config({
         "model": {"name_or_path": model_dir, "tokenizer": str(TOKENIZER),
                   "dtype": "bfloat16" if gpu else "float32", "liger": "auto" if gpu else "off"},
-        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": LORA_TARGETS},
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0, "target_modules": LORA_TARGETS,
+                 **lora_extra},
         "data": {"train": ["unused.jsonl"], "max_seq_len": args.prompt + args.answer,
                  "eval_fraction": 0.0},
         "train": {"method": method, "batch_size_per_worker": args.pairs * (1 if method in (
             "dpo", "orpo", "simpo") else 2), "lr": 5e-5, "schedule": "constant",
-                  "warmup_ratio": 0.0, "activation_checkpointing": "none"},
+                  "warmup_ratio": 0.0, "activation_checkpointing": "none", **train_extra},
         "scaling": {"num_workers": 1, "use_gpu": gpu,
                     "resources_per_worker": {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}},
     }, source=f"bench {method}")
@@ -116,7 +133,7 @@ def run_method(method: str, base, args, model_dir: str, data: list[dict], device
 
     def step(pairs: dict):
         nonlocal answers
-        inputs = collate(as_method_input(method, pairs))
+        inputs = collate(as_method_input(cfg.train.method, pairs))
         real = int(inputs.pop(REAL_TOKENS))
         micro = MicroBatch({k: v.to(device, non_blocking=True) for k, v in inputs.items()},
                            training.units(inputs), real)
@@ -158,7 +175,9 @@ def main() -> int:
     parser.add_argument("--answer", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--methods", default=",".join(METHOD_NAMES))
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES),
+                        help="comma list of METHOD[+VARIANT] runs; methods: "
+                        f"{', '.join(METHOD_NAMES)}; LoRA variants: {', '.join(VARIANTS)}")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="the quickstart's tiny model on CPU: checks the script only")
     args = parser.parse_args()

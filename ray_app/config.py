@@ -85,7 +85,8 @@ class LoraSection(_Section):
         "default", pattern=r"^(default|gaussian|orthogonal|pissa|pissa_niter_[0-9]+|olora)$",
         description="Adapter init (PEFT init_lora_weights): default (B = 0), gaussian, "
         "orthogonal, pissa, pissa_niter_<n> (fast SVD), olora. pissa/olora move the base's "
-        "principal part into the adapter; the exported adapter applies to the original base."
+        "principal part into the adapter; the exported adapter applies to the original base. "
+        "Not with dpo or kto, whose reference is the model with the adapter disabled."
     )
 
     @property
@@ -784,6 +785,13 @@ def _lora_variant_problem(cfg: Config) -> str | None:
                 "OLoRA re-quantizes, so the exported adapter would not match the trained "
                 "model): use lora.init: default or gaussian with QLoRA, or "
                 "model.quantization: none.")
+    if lora.mutates_base and cfg.train.method in ("dpo", "kto"):
+        return (f"lora.init: {lora.init} with train.method: {cfg.train.method}: the method's "
+                "reference is the model with the adapter disabled, which after "
+                f"{lora.init} is the base minus its principal part, not the original model, so "
+                "the rewards would be measured against the wrong reference: use lora.init: "
+                "default, gaussian or orthogonal with dpo and kto, or a reference-free method "
+                "(train.method: orpo or simpo) with pissa/olora.")
     if lora.mutates_base and lora.use_dora:
         return (f"lora.init: {lora.init} with lora.use_dora: the adapter is exported for the "
                 "original base by PEFT's PiSSA/OLoRA conversion, which keeps only the LoRA "

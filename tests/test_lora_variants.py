@@ -164,6 +164,9 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(base):
     ({"lora": {"init": "pissa"}, "model": {"quantization": "nf4"}}, "lora.init: pissa"),
     ({"lora": {"init": "olora", "use_dora": True}}, "drop DoRA's magnitudes"),
     ({"lora": {"init": "loftq"}}, "lora.init"),
+    # The reference (adapter disabled) would be the residual base, not the original model.
+    ({"lora": {"init": "pissa_niter_4"}, "train": {"method": "dpo"}}, "wrong reference"),
+    ({"lora": {"init": "olora"}, "train": {"method": "kto"}}, "wrong reference"),
 ])
 def test_combinations_peft_cannot_do_are_refused_before_ray_starts(tmp_path, settings, message):
     from ray_app.errors import UserError
