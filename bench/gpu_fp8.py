@@ -12,9 +12,10 @@ and the time a restart costs.
    each run (`gpu_throughput.ray_app_run`: between the reports of step 10 and the last
    before the final step, as the driver received them) are kept. In the same process:
    the common recipe (`gpu_throughput.common_recipe`, HF + PEFT, gradient checkpointing, at
-   --common-batch) and the plain loop of ray_app's model stack without Ray
+   --common-batch) and, with --plain, the plain loop of ray_app's model stack without Ray
    (`gpu_throughput.plain_loop_run`, random ids, timed between CUDA synchronisations) in
-   bf16 and FP8: the step-time baseline that ray_app's wall clock is compared with.
+   bf16 and FP8. Each ray_app run also keeps the loop's own step-time figure
+   (`tokens_per_s_loop`), which its wall-clock figure is compared with.
 3. `restart`: an FP8 run (`--restart-model`: the 1B shape at batch 16 or the 8B shape at
    batch 8) with a worker failure injected after step 15 (checkpoint every 10 steps); the
    run summary's restart record gives the time from the failure to the end of the first
@@ -117,7 +118,7 @@ def quality(args, work: Path, save) -> None:
     save("common_recipe", {"batch": args.common_batch, **common})
     gc.collect()
     torch.cuda.empty_cache()
-    for precision in ("default", "fp8"):
+    for precision in ("default", "fp8") if args.plain else ():
         plain = gt.plain_loop_run(model_dir, work, batch=16, seq=2048, warmup=5, steps=15,
                                   compile_=True, liger="on", quantization="none",
                                   checkpointing="none", precision=precision)
@@ -187,6 +188,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--common-batch", type=int, default=16)
+    parser.add_argument("--plain", action="store_true",
+                        help="quality: also time the plain loop (no Ray) in bf16 and FP8")
     parser.add_argument("--restart-model", choices=["1b", "8b"], default="1b",
                         help="the shape of the restart part (8b: batch 8)")
     parser.add_argument("--plot", action="store_true", help="only draw the loss curves")

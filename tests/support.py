@@ -133,3 +133,24 @@ def read_wandb_history(run_file: Path) -> list[dict[str, Any]]:
                 rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def secret_sentinels() -> dict[str, str]:
+    """A unique value for every secret environment variable (`ray_app.secrets.SECRET_ENV`),
+    none of which may ever show up in a file or on the console."""
+    from ray_app.secrets import SECRET_ENV
+
+    return {name: f"sentinel{i:02d}{name.lower().replace('_', '')}{'0' * 40}"[:40]
+            for i, name in enumerate(SECRET_ENV)}
+
+
+def secret_leaks(folder: Path) -> list[str]:
+    """`file: NAME` for every sentinel of `secret_sentinels` in any file under `folder`."""
+    sentinels = secret_sentinels()
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [f"{path}: {name}" for name, value in sentinels.items()
+                      if value.encode() in data]
+    return found

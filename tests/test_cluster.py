@@ -1,9 +1,10 @@
 """A real multi-node Ray cluster on this machine (`ray start --head` + two worker nodes,
 each with one `trainer` slot), driven the way users drive one:
 
-- `ray job submit` of the training entrypoint, with its progress in the job logs and its
-  training metrics on the head node's Prometheus endpoint;
-- `ray-app submit`, which follows the job and exits with its status;
+- `ray-app submit` of a training run with relative run paths: placed under `--storage`,
+  followed to its end, its training metrics on the head node's Prometheus endpoint while
+  it trains, its exit status that of the job, and the same command again resumes it;
+- `ray job submit` of the training entrypoint (the chaos run), its progress in the job logs;
 - a Ray client session (`ray://`) that runs the data report, and trains through the
   Python API (the example notebook, executed headlessly), the finished runs then readable
   from the dashboard's Train API;
@@ -81,6 +82,9 @@ class LocalCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(root / "home"),
                     "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                    # Every job's steps take at least 0.5 s, so that a run lasts long enough
+                    # for its metrics to be scraped and for a node to be lost mid-run.
+                    "RAY_APP_STEP_DELAY_S": "0.5",
                     # A lost node is declared dead after 5 failed GCS health checks, 3 s
                     # apart by default (~15 s); a killed raylet fails each check at once
                     # (connection refused), so checks 1 s apart find it in ~5 s. The
@@ -237,7 +241,7 @@ def _submit(cluster: LocalCluster, tmp: Path, data: Path, name: str, **env: str)
     config = _config_file(cluster, tmp, data, name)
     # A shrunk run slows down until it has grown back: the replacement node's start (seconds
     # on a busy machine) must not race the run's end.
-    runtime_env = {"env_vars": {"RAY_APP_STEP_DELAY_S": "0.5", "RAY_APP_SHRUNK_STEP_DELAY_S": "4",
+    runtime_env = {"env_vars": {"RAY_APP_SHRUNK_STEP_DELAY_S": "4",
                                 "RAY_APP_ELASTIC_RESIZE_CHECK_S": "5", **env}}
     cluster.ray("job", "submit", "--submission-id", name, "--no-wait",
                 "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -263,16 +267,47 @@ def _ray_app(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.timeout(900)  # also starts the cluster (module fixture)
-def test_ray_app_submit_follows_the_job_and_exits_with_its_status(cluster, small_data, tmp_path):
-    config = _config_file(cluster, tmp_path, small_data, "submitted")
-    done = _ray_app(cluster, "submit", str(config), "--command", "data",
-                    "--address", cluster.dashboard)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Submitted job" in done.stdout and f"{cluster.dashboard}/#/jobs/" in done.stdout
-    assert "Tokenized records:" in done.stdout  # the job's own output, followed live
-    assert "SUCCEEDED" in done.stdout
+@pytest.fixture(scope="module")
+def straight(cluster, small_data, tokenized, tmp_path_factory):
+    """The uninterrupted elastic run that the drill compares with, submitted the way users
+    submit: `ray-app submit` with relative run paths, placed under `--storage` (the
+    cluster's root, so its storage is the cluster's) and followed to its end. While it
+    trains, the head's metrics endpoint is watched for its loss."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = yaml.safe_load(_config_file(cluster, tmp, small_data, "straight").read_text())
+    cfg["run"].update(storage_path="storage", output_dir="outputs/straight")
+    config = tmp / "straight.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    command = [sys.executable, "-m", "ray_app", "submit", str(config),
+               "--address", cluster.dashboard, "--storage", str(cluster.root)]
+    follow = subprocess.Popen(command, env=cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    # Its metrics are on the head's endpoint (the driver's node, where the run's progress
+    # actor lives), labelled with the run name.
+    loss_metric = f"ray_{RAY_METRICS['loss']}{{"  # Ray's Prometheus prefix: ray_
+    seen_loss = False
+    while follow.poll() is None and not seen_loss:
+        seen_loss = any(ln.startswith(loss_metric) and 'run="straight"' in ln
+                        for ln in cluster.metrics("head").splitlines())
+        time.sleep(0.5)
+    stdout, stderr = follow.communicate(timeout=600)
+    assert follow.returncode == 0, stdout[-4000:] + stderr[-2000:]
+    output = cluster.root / "outputs" / "straight"
+    return {"command": command, "stdout": stdout, "seen_loss": seen_loss, "output": output,
+            "summary": json.loads((output / "run_summary.json").read_text()),
+            "steps": committed_steps(cluster.storage / "straight" / "sample_trace")}
 
+
+@pytest.mark.timeout(900)  # also starts the cluster and runs the straight run (fixtures)
+def test_ray_app_submit_follows_the_job_and_exits_with_its_status(cluster, straight, small_data,
+                                                                  tmp_path):
+    out = straight["stdout"]
+    assert "Submitted job" in out and f"{cluster.dashboard}/#/jobs/" in out
+    assert "step 16/16" in out  # the job's own progress, followed live
+    assert "SUCCEEDED" in out
+    assert straight["seen_loss"], "no training loss on the head's metrics endpoint"
+
+    config = _config_file(cluster, tmp_path, small_data, "broken")
     broken = yaml.safe_load(config.read_text())
     broken["data"]["train"] = [str(tmp_path / "no-such-folder")]
     config.write_text(yaml.safe_dump(broken))
@@ -315,35 +350,26 @@ def test_a_caller_without_the_token_is_refused_by_the_jobs_api_and_the_ray_clien
     assert "token" in said or "unauthenticated" in said or "auth" in said, said[-2000:]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 def test_ray_app_submit_leaves_its_outputs_at_the_printed_place_and_resumes_from_them(
-        cluster, small_data, tokenized, tmp_path):
-    """Relative run paths are placed under --storage before the job starts (here the
-    cluster's storage root, so the tokenized cache is reused), printed, and found again by
-    the same command."""
-    cfg = tiny_config(small_data, tmp_path, train={"max_steps": 4, "checkpoint_every": 2},
-                      run={"name": "placed", "storage_path": "storage",
-                           "output_dir": "outputs/placed"})
-    config = tmp_path / "placed.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    command = ["submit", str(config), "--address", cluster.dashboard,
-               "--storage", str(cluster.root)]
-    first = _ray_app(cluster, *command)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
-    output = cluster.root / "outputs" / "placed"
-    assert f"adapter {output}/final" in first.stdout
-    assert f"checkpoints {cluster.storage}/placed" in first.stdout
-    summary = json.loads((output / "run_summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["train"]["steps"] == 4
+        cluster, straight):
+    """Relative run paths are placed under --storage before the job starts, printed, and
+    found again by the same command."""
+    output = straight["output"]
+    assert f"adapter {output}/final" in straight["stdout"]
+    assert f"checkpoints {cluster.storage}/straight" in straight["stdout"]
+    summary = straight["summary"]
+    assert summary["status"] == "succeeded" and summary["train"]["steps"] == STEPS
     assert (output / "final" / "adapter_model.safetensors").is_file()
-    assert list((cluster.storage / "placed").glob("step_0000004-*"))
+    assert list((cluster.storage / "straight").glob(f"step_{STEPS:07d}-*"))
     assert "working_dir_files" not in json.dumps(summary)
 
-    again = _ray_app(cluster, *command)
+    again = subprocess.run(straight["command"], env=cluster.env, capture_output=True,
+                           text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
-    assert "Run 'placed' exists" in again.stdout and "resuming it" in again.stdout
+    assert "Run 'straight' exists" in again.stdout and "resuming it" in again.stdout
     resumed = json.loads((output / "run_summary.json").read_text())
-    assert resumed["train"]["resumed_from_step"] == 4 and resumed["train"]["steps"] == 4
+    assert resumed["train"]["resumed_from_step"] == STEPS and resumed["train"]["steps"] == STEPS
 
 
 def test_a_ray_client_session_runs_the_data_report(cluster, small_data, tmp_path):
@@ -410,13 +436,14 @@ def test_the_example_notebook_runs_against_the_cluster(cluster, small_data, toke
         assert runs.get(name, {}).get("status") == "FINISHED", (name, sorted(runs))
 
 
-@pytest.fixture
-def tokenized(cluster, small_data, tmp_path):
-    """The dataset cache in the cluster's storage, so that the drill times training only.
-    Built by a single-node `ray-app data` unless an earlier test's job built it already:
-    Ray Data on three 1-CPU nodes of this 2-core machine takes minutes."""
+@pytest.fixture(scope="module")
+def tokenized(cluster, small_data, tmp_path_factory):
+    """The dataset cache in the cluster's storage, built once by a single-node `ray-app
+    data` (Ray Data on three 1-CPU nodes of this 2-core machine takes minutes): the jobs
+    then time training only."""
     if not list(cluster.storage.glob("datasets/*/report.json")):
-        config = _config_file(cluster, tmp_path, small_data, "tokenize")
+        config = _config_file(cluster, tmp_path_factory.mktemp("tokenize"), small_data,
+                              "tokenize")
         done = subprocess.run([sys.executable, "-m", "ray_app", "data", str(config),
                                "--num-cpus", "2"], capture_output=True, text=True, timeout=600,
                               check=False)
@@ -425,20 +452,9 @@ def tokenized(cluster, small_data, tmp_path):
 
 @pytest.mark.timeout(1500)
 def test_losing_a_worker_node_costs_at_most_one_checkpoint_interval(
-        cluster, small_data, tokenized, tmp_path_factory, capsys):
-    straight_tmp = tmp_path_factory.mktemp("straight")
-    job = _submit(cluster, straight_tmp, small_data, "straight")
-    # While it trains, its metrics are on the head's endpoint (the driver's node, where the
-    # run's progress actor lives), labelled with the run name.
-    loss_metric = f"ray_{RAY_METRICS['loss']}{{"  # Ray's Prometheus prefix: ray_
-    cluster.wait_for(lambda: any(ln.startswith(loss_metric) and 'run="straight"' in ln
-                                 for ln in cluster.metrics("head").splitlines()),
-                     420, "the training loss on the head's metrics endpoint")
-    _wait_job(cluster, job, 600)
-    assert "step 16/16" in cluster.ray("job", "logs", job)  # progress in the job's logs
-    straight = _summary(straight_tmp, "straight")
-    expected = committed_steps(cluster.storage / "straight" / "sample_trace")
-    assert straight["train"]["restarts"] == 0 and len(expected) == STEPS
+        cluster, small_data, straight, tmp_path_factory, capsys):
+    expected = straight["steps"]
+    assert straight["summary"]["train"]["restarts"] == 0 and len(expected) == STEPS
 
     tmp = tmp_path_factory.mktemp("chaos")
     trace = cluster.storage / "chaos" / "sample_trace"
@@ -453,6 +469,7 @@ def test_losing_a_worker_node_costs_at_most_one_checkpoint_interval(
     recovered_at = time.time()
     cluster.add_worker("c")  # the replacement node; the elastic run grows back onto it
     _wait_job(cluster, job, 600)
+    assert "step 16/16" in cluster.ray("job", "logs", job)  # progress in the job's logs
 
     summary = _summary(tmp, "chaos")
     train = summary["train"]
@@ -471,7 +488,8 @@ def test_losing_a_worker_node_costs_at_most_one_checkpoint_interval(
         train["restart_history"]
     assert grown["resumed_from_step"] > first["resumed_from_step"]
     assert grown["steps_lost"] <= CHECKPOINT_EVERY
-    assert summary["eval"]["loss_final"] == pytest.approx(straight["eval"]["loss_final"], rel=0.02)
+    assert summary["eval"]["loss_final"] == pytest.approx(
+        straight["summary"]["eval"]["loss_final"], rel=0.02)
     with capsys.disabled():
         print(f"\n[chaos] node lost at step {step_at_loss}; resumed from step "
               f"{first['resumed_from_step']} on {first['world_size']} worker(s); recovery "

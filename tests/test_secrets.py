@@ -4,64 +4,24 @@ not in outputs, checkpoints, tracker files, rendered manifests or console output
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from support import tiny_config
+from support import secret_leaks, secret_sentinels, tiny_config
 
 from ray_app.cli import main
 from ray_app.config import validate_config
 from ray_app.errors import UserError
 from ray_app.k8s.render import render_manifests
-from ray_app.secrets import SECRET_ENV, redact
+from ray_app.secrets import redact
 from ray_app.summary import write_summary
 from ray_app.train.identity import identity
 from ray_app.train.tracking import flat_params
 
-# Unique values that must never show up in a file or on the console.
-SENTINELS = {name: f"sentinel{i:02d}{name.lower().replace('_', '')}{'0' * 40}"[:40]
-             for i, name in enumerate(SECRET_ENV)}
+# Unique values that must never show up in a file or on the console. (A whole run with
+# them in its environment is in test_tracking.py, whose tracked run it shares.)
+SENTINELS = secret_sentinels()
 STORAGE_KEY, STORAGE_SECRET = "AKIASENTINELSTORAGE7", "StorageSecretSentinel%2Fabc"
-
-
-def _leaks(folder: Path) -> list[str]:
-    """`file: NAME` for every sentinel found in any file under `folder`."""
-    found = []
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            data = path.read_bytes()
-            found += [f"{path}: {name}" for name, value in SENTINELS.items() if value.encode() in data]
-    return found
-
-
-def test_a_run_writes_no_secret_into_outputs_checkpoints_trackers_or_console(
-        small_data, tmp_path):
-    cfg = tiny_config(small_data, tmp_path, run={"name": "secret-free"},
-                      tracking={"backends": ["tensorboard", "mlflow", "wandb"]})
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
-    # The run starts its own Ray cluster, so the workers see these too.
-    env.update(SENTINELS, WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"))
-    (tmp_path / "wandb").mkdir()
-    done = subprocess.run([sys.executable, "-m", "ray_app", "train", str(config),
-                           "--num-cpus", "2"], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["checkpoints"]
-    assert list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))
-    assert (tmp_path / "out" / "mlflow.db").exists()
-    assert list((tmp_path / "wandb").rglob("run-*.wandb"))
-    console = [name for name, value in SENTINELS.items()
-               if value in done.stdout or value in done.stderr]
-    assert console == []
-    for folder in ("out", "storage", "wandb"):
-        assert _leaks(tmp_path / folder) == []
 
 
 def test_rendered_manifests_hold_no_secret_but_reference_the_kubernetes_secrets(
@@ -75,7 +35,7 @@ def test_rendered_manifests_hold_no_secret_but_reference_the_kubernetes_secrets(
     assert main(["k8s", "render", str(config), "-o", str(manifests)]) == 0
     out = capsys.readouterr()
     assert not [n for n, v in SENTINELS.items() if v in out.out + out.err]
-    assert _leaks(tmp_path) == []
+    assert secret_leaks(tmp_path) == []
     job = next(d for d in yaml.safe_load_all(manifests.read_text()) if d["kind"] == "RayJob")
     assert job["spec"]["rayClusterSpec"]["authOptions"]["secretName"] == "ray-auth-token"
     assert "TOKEN" not in job["spec"]["runtimeEnvYAML"]

@@ -1,65 +1,103 @@
 """Experiment tracking: one real run logs the same losses and steps to TensorBoard, MLflow
 and W&B (offline) that the console and run_summary.json show; trackers are checked up
-front and a failing one never ends the run."""
+front and a failing one never ends the run. The same run, with every secret environment
+variable set to a sentinel, writes none of them anywhere (test_secrets.py has the rest)."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
+import yaml
 from rich.console import Console
-from support import read_tensorboard, read_wandb_history, tiny_config
+from support import (
+    read_tensorboard,
+    read_wandb_history,
+    secret_leaks,
+    secret_sentinels,
+    tiny_config,
+)
 
 from ray_app.config import validate_config
 from ray_app.errors import UserError
 from ray_app.extras import check_packages
 from ray_app.train import tracking
-from ray_app.train.run import run_training
 
 ALL = ["tensorboard", "mlflow", "wandb"]
 
 
-@pytest.mark.ray
-def test_a_run_logs_the_console_losses_to_tensorboard_mlflow_and_wandb(
-        ray_cluster, small_data, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tracked(small_data, tmp_path_factory):
+    """`ray-app train` of a run logged to every backend, as a user runs it, with every
+    secret environment variable set (the run starts its own Ray cluster, so the workers
+    see them too)."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    cfg = tiny_config(small_data, tmp, run={"name": "tracked"},
+                      tracking={"backends": ALL, "project": "tests"})
+    config = tmp / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(secret_sentinels(), WANDB_MODE="offline", WANDB_DIR=str(tmp / "wandb"),
+               COLUMNS="200")
+    (tmp / "wandb").mkdir()
+    done = subprocess.run([sys.executable, "-m", "ray_app", "train", str(config),
+                           "--num-cpus", "2"], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp / "out" / "run_summary.json").read_text())
+    assert summary["status"] == "succeeded", summary.get("error")
+    return {"tmp": tmp, "stdout": done.stdout, "stderr": done.stderr, "summary": summary}
+
+
+@pytest.mark.timeout(600)
+def test_a_run_logs_the_console_losses_to_tensorboard_mlflow_and_wandb(tracked):
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "wandb").mkdir()
-    cfg = validate_config(tiny_config(small_data, tmp_path, run={"name": "tracked"},
-                                      tracking={"backends": ALL, "project": "tests"}))
-    out = io.StringIO()
-    summary = run_training(cfg, Console(file=out, width=200))
-    assert summary["status"] == "succeeded", summary.get("error")
+    tmp, summary = tracked["tmp"], tracked["summary"]
     # Not a terminal: one line per report, "step 3/4  loss 1.2345 ...".
     console = {int(s): float(v) for s, v in re.findall(r"step (\d+)/4  loss (\d+\.\d+)",
-                                                        out.getvalue())}
-    assert set(console) == {1, 2, 3, 4}, out.getvalue()
+                                                        tracked["stdout"])}
+    assert set(console) == {1, 2, 3, 4}, tracked["stdout"]
     final_eval = summary["eval"]["loss_final"]
 
     def same(logged: dict[int, float]) -> None:
         assert {s: round(v, 4) for s, v in logged.items() if s in console} == console
         assert set(logged) >= set(console)
 
-    board = read_tensorboard(tmp_path / "out" / "tensorboard" / "tracked")
+    board = read_tensorboard(tmp / "out" / "tensorboard" / "tracked")
     same(dict(board["loss"]))
     assert board["eval_loss"][-1] == (4, pytest.approx(final_eval, rel=1e-6))
     assert board["final/eval_loss_final"] == [(4, pytest.approx(final_eval, rel=1e-6))]
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/out/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/out/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.003" and run.data.tags["status"] == "succeeded"
     same({m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")})
     assert run.data.metrics["eval_loss"] == run.data.metrics["final_eval_loss_final"] == final_eval
 
-    (run_file,) = (tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    (run_file,) = (tmp / "wandb").glob("wandb/offline-run-*/run-*.wandb")
     rows = read_wandb_history(run_file)
     same({r["step"]: r["loss"] for r in rows if "loss" in r})
     assert [r["eval_loss"] for r in rows if "eval_loss" in r][-1] == final_eval
+
+
+def test_a_run_writes_no_secret_into_outputs_checkpoints_trackers_or_console(tracked):
+    tmp = tracked["tmp"]
+    assert tracked["summary"]["checkpoints"]
+    assert list((tmp / "out" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (tmp / "out" / "mlflow.db").exists()
+    assert list((tmp / "wandb").rglob("run-*.wandb"))
+    console = [name for name, value in secret_sentinels().items()
+               if value in tracked["stdout"] or value in tracked["stderr"]]
+    assert console == []
+    for folder in ("out", "storage", "wandb"):
+        assert secret_leaks(tmp / folder) == []
 
 
 def test_credentials_in_the_mlflow_uri_are_refused_without_echoing_them():
