@@ -8,10 +8,21 @@
 #             and tests/test_fp8.py -> OUT/gpu_fp8.json, OUT/gpu_tests_fp8.txt
 # throughput: the 8B shape, q,k,v,o, batch 8, Liger + compile: ray-app, the plain loop of its
 #             model stack, and the common recipe -> OUT/gpu_throughput.json / .md
+# speed8b:    the 8B shape with the FP8 base through ray-app, q,k,v,o at batch 8 and all linear
+#             layers at batch 4 (fits 80 GB), each against the common recipe with the same
+#             targets at batch 8 -> OUT/gpu_throughput.json
+# methods:    bench/gpu_methods.py: DPO, ORPO, SimPO, KTO, SFT and the LoRA variants on the
+#             8B shape -> OUT/gpu_methods.json / .md
+# restart8b:  bench/gpu_fp8.py restart on the 8B shape -> OUT/gpu_fp8.json
+# Run from the repository root with the carried stack active (source .device/activate.sh);
+# wheels in .whl/ (packages the carried stack lacks) are installed first.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
 for what in "$@"; do
   case "$what" in
     tests)
@@ -29,9 +40,24 @@ for what in "$@"; do
         --ray-variants liger+compile:8 --plain-variants liger+compile:8 --deadline-s 420 \
         2>&1 | tee "$out/throughput.log" ;;
     fp8)
-      python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 micro quality restart \
-        2>&1 | tee "$out/gpu_fp8.log"
-      python -m pytest -q -p no:cacheprovider tests/test_fp8.py 2>&1 | tee "$out/gpu_tests_fp8.txt" ;;
+      timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8.py 2>&1 \
+        | tee "$out/gpu_tests_fp8.txt"
+      timeout 400 python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 --steps 120 quality micro \
+        > "$out/gpu_fp8.log" 2>&1 ;;
+    speed8b)
+      python bench/gpu_throughput.py --models 8b --data fixed --targets qkvo --common-batch 8 \
+        --out "$out" --work /tmp/gt --ray-variants liger+compile+fp8:8 --keep-model \
+        > "$out/speed8b_qkvo.log" 2>&1
+      python bench/gpu_throughput.py --models 8b --data fixed --targets all-linear \
+        --common-batch 8 --out "$out" --work /tmp/gt --ray-variants liger+compile+fp8:4 \
+        --keep-model > "$out/speed8b_all_linear.log" 2>&1 ;;
+    methods)
+      python bench/gpu_methods.py --out "$out" --methods \
+        dpo,orpo,simpo,kto,sft,dpo+dora,dpo+rslora,dpo+loraplus,simpo+olora,simpo+pissa \
+        > "$out/gpu_methods.log" 2>&1 ;;
+    restart8b)
+      python bench/gpu_fp8.py --out "$out" --work /tmp/gt --restart-model 8b restart \
+        > "$out/restart8b.log" 2>&1 ;;
     *) echo "unknown check $what" >&2; exit 2 ;;
   esac
 done

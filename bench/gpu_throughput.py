@@ -765,6 +765,8 @@ def main() -> int:
                         help="LoRA target modules of every run: q,k,v,o or all linear layers")
     parser.add_argument("--deadline-s", type=float, default=1e9,
                         help="skip measurements that would start after this many seconds")
+    parser.add_argument("--keep-model", action="store_true",
+                        help="keep the saved model under --work (and reuse one saved there)")
     parser.add_argument("--table", action="store_true", help="only rebuild the markdown table")
     args = parser.parse_args()
     out = Path(args.out)
@@ -829,9 +831,10 @@ def main() -> int:
         shape = SHAPES[key]
         model_dir = str(work / f"model_{key}")
         model = build_model(key)
-        model.save_pretrained(model_dir)
-        print(f"{shape['name']}: saved random-init bf16 model to {model_dir} "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        if not (args.keep_model and (Path(model_dir) / "config.json").exists()):
+            model.save_pretrained(model_dir)  # the same seed: the same weights as a kept one
+            print(f"{shape['name']}: saved random-init bf16 model to {model_dir} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
         common_steps = 15 if key == "1b" else 10
         for kind in kinds:
             data_file, eval_file, data_fields = data_files(kind)
@@ -941,7 +944,8 @@ def main() -> int:
                             continue
                     break
         del model
-        shutil.rmtree(model_dir, ignore_errors=True)
+        if not args.keep_model:
+            shutil.rmtree(model_dir, ignore_errors=True)
 
     print("\n| model | data | variant | method | batch | tokens/s | MFU | peak GiB | train peak |")
     for r in results.rows:
