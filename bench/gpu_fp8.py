@@ -113,11 +113,12 @@ def quality(args, work: Path, save) -> None:
     # Enough for --steps at batch 16 x 2048 in one epoch (about 3.3 tokens per number).
     write_progressions(train, records=int(args.steps * 16 * 2048 / 800) + 200, seed=0)
     write_progressions(evals, records=16, seed=1)
-    common = gt.common_recipe(gt.build_model("1b"), args.common_batch, 2048, warmup=3,
-                              steps=15)
-    save("common_recipe", {"batch": args.common_batch, **common})
-    gc.collect()
-    torch.cuda.empty_cache()
+    if args.common_batch:
+        common = gt.common_recipe(gt.build_model("1b"), args.common_batch, 2048, warmup=3,
+                                  steps=15)
+        save("common_recipe", {"batch": args.common_batch, **common})
+        gc.collect()
+        torch.cuda.empty_cache()
     for precision in ("default", "fp8") if args.plain else ():
         plain = gt.plain_loop_run(model_dir, work, batch=16, seq=2048, warmup=5, steps=15,
                                   compile_=True, liger="on", quantization="none",
@@ -125,7 +126,7 @@ def quality(args, work: Path, save) -> None:
         save(f"plain_loop_{precision}", {"batch": 16, **plain})
         gc.collect()
         torch.cuda.empty_cache()
-    for precision in ("default", "fp8"):
+    for precision in args.precisions.split(","):
         m = gt.ray_app_run(f"quality-{precision}", model_dir, train, evals, work, batch=16,
                            seq=2048, steps=args.steps, warmup_steps=10, log_every=5,
                            compile_=True, liger="on", quantization="none",
@@ -187,7 +188,10 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/gpu_fp8")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--common-batch", type=int, default=16)
+    parser.add_argument("--common-batch", type=int, default=16,
+                        help="quality: the common recipe's batch (0: not run)")
+    parser.add_argument("--precisions", default="default,fp8",
+                        help="quality: the ray_app runs (model.precision values)")
     parser.add_argument("--plain", action="store_true",
                         help="quality: also time the plain loop (no Ray) in bf16 and FP8")
     parser.add_argument("--restart-model", choices=["1b", "8b"], default="1b",

@@ -10,8 +10,9 @@ e4m3 throughout):
   copy with one scale per input column for the backward (`_scaled_mm` takes its second
   operand column-major, and re-laying out the weight every step would cost what FP8 saves).
   The two copies hold what the bf16 weight held, which is freed;
-- the activations and output gradients, every step: e4m3 with one scale per token. Inside a
-  compiled layer (`model.compile`) this scaling fuses into the kernels around the matmul.
+- the activations and output gradients, every step: e4m3 with one scale per token, inside
+  the op that runs the matmul (`fp8_linear`), which a compiled layer (`model.compile`)
+  calls as one opaque op.
 
 LoRA A/B, norms, attention, embeddings and lm_head stay in bf16. The FP8 weights are
 non-persistent buffers, not parameters: FSDP2 would cast parameters to its bf16 gather
@@ -59,45 +60,40 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.reciprocal()
 
 
-@torch.library.custom_op("ray_app::fp8_matmul", mutates_args=())
-def fp8_matmul(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor,
-               w_scale: torch.Tensor) -> torch.Tensor:
-    """q [M, K] @ w [N, K]^T, both e4m3 with rowwise scales, into bf16 [M, N].
+@torch.library.custom_op("ray_app::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_t: torch.Tensor,
+               w_t_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T in FP8 into bf16 [M, N]: x quantised here, one scale per row;
+    w is e4m3 with one scale per output row (`w_scale`, [1, N]). `w_t`/`w_t_scale` (the
+    weight's transposed copy) serve the backward, dy @ w, which is this op again.
 
-    An opaque op for torch.compile: the compiled code hands it real tensors, laid out as
-    `_scaled_mm` needs them here (row-major q, column-major w^T). Inductor's own lowering
-    of `_scaled_mm` (torch 2.11) gave wrong input gradients inside a compiled decoder layer
-    on an H200, while this eager call gives the right ones; the quantisation around the
-    call still fuses into the compiled kernels."""
-    return torch._scaled_mm(q.contiguous(), w.t(), scale_a=scale.contiguous(),
-                            scale_b=w_scale.contiguous(), out_dtype=torch.bfloat16)
-
-
-@fp8_matmul.register_fake
-def _(q, scale, w, w_scale):
-    return q.new_empty((q.shape[0], w.shape[0]), dtype=torch.bfloat16)
+    One opaque op for torch.compile, quantisation included: with the quantisation left to
+    Inductor around an opaque `_scaled_mm`, a compiled decoder layer gave wrong input
+    gradients on an H200 (torch 2.11; the adapter's gradients had cosine 0.02 with bf16's)
+    while the same code in eager mode gave the right ones."""
+    q, scale = quantize_rows(x)
+    return torch._scaled_mm(q, w.t(), scale_a=scale, scale_b=w_scale.contiguous(),
+                            out_dtype=torch.bfloat16)
 
 
-def _scaled_matmul(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """a [..., K] @ w[N, K]^T with a quantised per row here; w_scale is w's [1, N]."""
-    q, scale = quantize_rows(a.reshape(-1, a.shape[-1]))
-    out = fp8_matmul(q, scale, w, w_scale)
-    return out.reshape(*a.shape[:-1], w.shape[0]).to(a.dtype)
+@fp8_linear.register_fake
+def _(x, w, w_scale, w_t, w_t_scale):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
 
 
-class _FrozenFP8Matmul(torch.autograd.Function):
-    """x @ W^T forward, dy @ W backward; no gradient for the (frozen) weight."""
+def _fp8_linear_setup(ctx, inputs, output):
+    _, _, _, w_t, w_t_scale = inputs
+    ctx.save_for_backward(w_t, w_t_scale)
 
-    @staticmethod
-    def forward(ctx, x, w, w_scale, w_t, w_t_scale):
-        ctx.save_for_backward(w_t, w_t_scale)
-        return _scaled_matmul(x, w, w_scale)
 
-    @staticmethod
-    def backward(ctx, grad):
-        w_t, w_t_scale = ctx.saved_tensors
-        grad_x = _scaled_matmul(grad, w_t, w_t_scale) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
+def _fp8_linear_backward(ctx, grad):
+    """dy @ W, in FP8 through the transposed copy; the frozen weight gets no gradient."""
+    w_t, w_t_scale = ctx.saved_tensors
+    grad_x = fp8_linear(grad.contiguous(), w_t, w_t_scale, w_t, w_t_scale)
+    return grad_x, None, None, None, None
+
+
+fp8_linear.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup)
 
 
 class FrozenFP8Linear(nn.Module):
@@ -118,8 +114,9 @@ class FrozenFP8Linear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _FrozenFP8Matmul.apply(x, self.weight_fp8, self.weight_scale, self.weight_t_fp8,
-                                   self.weight_t_scale)
+        y = fp8_linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight_fp8,
+                       self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
