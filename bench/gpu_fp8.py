@@ -206,9 +206,6 @@ def main() -> int:
                         help="the shape of the restart part (8b: batch 8)")
     parser.add_argument("--plot", action="store_true", help="only draw the loss curves")
     args = parser.parse_args()
-    # Compiled FP8 layers are refused by the config until they pass their GPU check; the
-    # benchmark runs them to make that check (ray_app.config.FP8_COMPILE_ENV).
-    os.environ.setdefault("RAY_APP_FP8_COMPILE", "1")
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:

@@ -78,7 +78,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import shlex
 import shutil
@@ -770,9 +769,6 @@ def main() -> int:
                         help="keep the saved model under --work (and reuse one saved there)")
     parser.add_argument("--table", action="store_true", help="only rebuild the markdown table")
     args = parser.parse_args()
-    # Compiled FP8 layers are refused by the config until they pass their GPU check; the
-    # benchmark runs them to make that check (ray_app.config.FP8_COMPILE_ENV).
-    os.environ.setdefault("RAY_APP_FP8_COMPILE", "1")
     out = Path(args.out)
     if args.table:
         write_table(json.loads((out / "gpu_throughput.json").read_text()),

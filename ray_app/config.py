@@ -745,11 +745,6 @@ def _gpu_only_kernels(cfg: Config) -> str | None:
     return None
 
 
-# Lets bench/gpu_fp8.py run the compiled FP8 path that `_fp8_problem` refuses until it has
-# passed its GPU check.
-FP8_COMPILE_ENV = "RAY_APP_FP8_COMPILE"
-
-
 def _fp8_problem(cfg: Config) -> str | None:
     """FP8 matmuls need a GPU, a bf16 base of plain linears, and an engine that keeps the
     FP8 weights as they are (DeepSpeed casts every floating buffer to bf16)."""
@@ -768,12 +763,6 @@ def _fp8_problem(cfg: Config) -> str | None:
     if cfg.scaling.strategy == "deepspeed":
         return ("model.precision: fp8 works with scaling.strategy ddp or fsdp; DeepSpeed casts "
                 "the FP8 weights back to bf16: use scaling.strategy: fsdp (or ddp).")
-    if m.compile and os.environ.get(FP8_COMPILE_ENV) != "1":
-        # Both earlier versions of the compiled path trained on wrong adapter gradients on
-        # an H200 (bench/results/gpu_fp8.md); the current one has not run on a GPU yet.
-        return ("model.precision: fp8 with model.compile: true is not available yet: compiled "
-                "FP8 layers have not passed their GPU check (bench/results/gpu_fp8.md). Set "
-                "model.compile: false (FP8 runs eagerly) or model.precision: default.")
     return None
 
 

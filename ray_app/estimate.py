@@ -96,7 +96,7 @@ class Plan:
     # never holds them.
     full_logits: bool = False
     fused_eval: bool = True  # evaluation through Liger's fused loss (no full logits)
-    dora: bool = False  # lora.use_dora: noted, not counted
+    dora: bool = False  # lora.use_dora
 
     @property
     def sequences(self) -> int:
@@ -193,8 +193,12 @@ def _layer_activations(shape: Shape, plan: Plan) -> float:
         # own bf16 copy of its input, plus LoRA dropout's mask.
         # lora_A's output (bf16, r wide) is kept for lora_B.
         per_element = 3 if plan.lora_dropout > 0 else 2
-        inputs = sum(per_element * in_features + 2 * plan.lora_r
-                     for _, in_features, _ in _adapted(shape, plan))
+        # DoRA (PEFT) also keeps the base output and the scaled LoRA output of each adapted
+        # linear for its magnitude's gradient: two bf16 tensors of the output's width (8B
+        # shape, q,k,v,o, 8,192 tokens: 10.0 GiB measured, bench/results/gpu_methods.md).
+        dora = 4 if plan.dora else 0
+        inputs = sum(per_element * in_features + 2 * plan.lora_r + dora * out_features
+                     for _, in_features, out_features in _adapted(shape, plan))
     return norms + attention + mlp + inputs
 
 
@@ -255,9 +259,6 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
         activations += tokens * per_layer  # the layer being recomputed
     if plan.rows > 1:
         notes.append("preference pairs: chosen and rejected count as two sequences per record")
-    if plan.dora:
-        notes.append("DoRA is not counted: it adds about one output-sized activation per "
-                     "adapted layer and a transient full-size weight of the largest one")
     if plan.full_logits:
         notes.append("preference methods compute the answer tokens' logits a chunk at a time "
                      "(at most 1 GiB of them at once; with ZeRO-3 all at once)")
@@ -269,6 +270,9 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
     buffers = 0.0 if plan.method == "full" else trainable * 2.0
     if plan.method == "qlora":
         buffers += max(i * o for _, i, o in shape.layer_linears) * 2  # one dequantized weight
+    if plan.dora and plan.method != "full":
+        # DoRA's weight norm: W + scale * B @ A of one adapted linear at a time, in fp32.
+        buffers += max(i * o for _, i, o in _adapted(shape, plan)) * 4
     if plan.strategy == "ddp" and n > 1:
         buffers += trainable * 4.0  # gradient buckets
     if plan.packed_mask and plan.attention != "flash_attention_2":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,6 +65,7 @@ def test_parameter_counts_match_the_model_and_peft():
 def test_activations_match_what_autograd_saves_for_a_decoder_layer(targets):
     """Bytes saved for backward by one LoRA decoder layer under bf16 autocast (the GPU
     training path; HF kernels, as without Liger), against the estimate's count."""
+    dora = False
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -70,7 +73,8 @@ def test_activations_match_what_autograd_saves_for_a_decoder_layer(targets):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
     model = get_peft_model(model, LoraConfig(
-        r=8, lora_dropout=0.0, target_modules=targets if targets == "all-linear" else list(targets)))
+        r=8, lora_dropout=0.0, use_dora=dora,
+        target_modules=targets if targets == "all-linear" else list(targets)))
     model.train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -92,11 +96,62 @@ def test_activations_match_what_autograd_saves_for_a_decoder_layer(targets):
 
     shape = shape_of(config, "small")
     plan = Plan(lora_r=8, lora_targets=targets, lora_dropout=0.0, liger=False, seq_len=seq,
-                batch=batch)
+                batch=batch, dora=dora)
     est = estimate(shape, plan)
     per_layer = (est.parts["activations"]) / shape.layers
     copies = adapter_params(shape, plan) * 2 / shape.layers  # bf16 adapter copies
     assert measured == pytest.approx(per_layer + copies, rel=0.05)
+
+
+def test_dora_adds_what_each_adapted_linear_saves_beyond_lora():
+    """DoRA (PEFT) keeps more for backward in each adapted linear than LoRA does (its base
+    and LoRA outputs, for the magnitude's gradient): measured per linear under bf16
+    autocast, with and without `use_dora`, against the estimate's difference."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    config = small_llama()
+    batch, seq = 2, 128
+
+    def saved_by_linears(use_dora: bool) -> int:
+        torch.manual_seed(0)
+        model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16), LoraConfig(
+            r=8, lora_dropout=0.0, use_dora=use_dora, target_modules="all-linear"))
+        model.train()
+        layer = model.base_model.model.model.layers[0]
+        total = 0
+        for module in layer.modules():
+            if not hasattr(module, "lora_A"):
+                continue
+            weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+            saved: dict[int, tuple] = {}
+
+            def keep(t, weights=weights, saved=saved):
+                if t.untyped_storage().data_ptr() not in weights:
+                    saved[t.untyped_storage().data_ptr()] = (weakref.ref(t),
+                                                             t.untyped_storage().nbytes())
+                return t
+
+            x = torch.randn(batch, seq, module.in_features, dtype=torch.bfloat16,
+                            requires_grad=True)
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+                    torch.autocast("cpu", dtype=torch.bfloat16):
+                y = module(x)
+            # What the output's graph still holds for backward: PEFT's DoRA also computes
+            # B @ A through the layers (an identity matrix in, saved), then detaches it, so
+            # that graph and what it saved are freed as soon as the forward returns.
+            gc.collect()
+            total += sum(n for ref, n in saved.values() if ref() is not None)
+            del y
+        return total
+
+    measured = saved_by_linears(True) - saved_by_linears(False)
+    shape = shape_of(config, "small")
+    plans = [Plan(lora_r=8, lora_targets="all-linear", lora_dropout=0.0, liger=False,
+                  seq_len=seq, batch=batch, dora=dora) for dora in (False, True)]
+    lora, dora = (estimate(shape, plan).parts["activations"] / shape.layers for plan in plans)
+    assert measured > 0
+    assert dora - lora == pytest.approx(measured, rel=0.05)
 
 
 def test_8b_figures_follow_the_method_and_strategy(llama_8b_folder, capsys):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from support import tiny_config
 
-from ray_app.config import FP8_COMPILE_ENV, LoraSection, validate_config
+from ray_app.config import LoraSection, validate_config
 from ray_app.errors import UserError
 from ray_app.model.fp8 import (
     FrozenFP8Linear,
@@ -42,7 +42,6 @@ def _config(tmp_path, **model):
     ({"model": {"quantization": "nf4"}}, ("model.quantization: nf4", "use one")),
     ({"model": {"dtype": "float32"}}, ("model.dtype float32", "model.dtype: auto")),
     ({"scaling": {"strategy": "deepspeed"}}, ("scaling.strategy", "fsdp")),
-    ({"model": {"compile": True}}, ("model.compile: false", "gpu_fp8.md")),
 ])
 def test_fp8_is_refused_where_it_cannot_run_naming_the_setting_to_change(tmp_path, change,
                                                                          names):
@@ -54,10 +53,9 @@ def test_fp8_is_refused_where_it_cannot_run_naming_the_setting_to_change(tmp_pat
     assert all(name in str(err.value) for name in names), str(err.value)
 
 
-def test_fp8_on_a_gpu_config_validates(tmp_path, monkeypatch):
+def test_fp8_on_a_gpu_config_validates(tmp_path):
     assert validate_config(_config(tmp_path)).model.precision == "fp8"
     assert validate_config(_config(tmp_path, dtype="bfloat16")).model.precision == "fp8"
-    monkeypatch.setenv(FP8_COMPILE_ENV, "1")  # the benchmark's way to the compiled path
     assert validate_config(_config(tmp_path, compile=True)).model.compile
 
 
