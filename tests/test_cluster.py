@@ -100,8 +100,10 @@ class LocalCluster:
                     # The dashboard's Train page, as the Helm chart sets it on every pod.
                     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
                     # The head starts one client server per Ray client session and waits 30 s
-                    # for it by default; on 2 busy cores that start can take longer.
-                    "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180",
+                    # for it by default; on 2 busy cores that start can take longer. Not much
+                    # longer: a server that died as it started (`connect` retries that) is
+                    # only found dead when this wait ends (180 s cost one run 3 minutes).
+                    "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "90",
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         (root / "home").mkdir(parents=True, exist_ok=True)
         # One temp dir per node, as separate machines have: nodes sharing one would share
