@@ -90,8 +90,10 @@ def _own_dashboard():
 
 
 # A Ray client server dies now and then while its proxy forks it (a gRPC poller race,
-# ray-project/ray#63202); a new connection gets a new server, so the error is retried.
-_CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+# ray-project/ray#63202); a new connection gets a new server, so the error is retried. The
+# proxy reports that death in two ways: its wait for the server's channel times out, or
+# reading the dead server's command line finds a zombie.
+_CLIENT_SERVER_DIED = ("Starting Ray client server failed", "ZombieProcess")
 CLIENT_CONNECT_ATTEMPTS = 3
 
 
@@ -102,7 +104,8 @@ def _init_with_retries(**init_kwargs):
         try:
             return ray.init(**init_kwargs)
         except ConnectionError as err:
-            if _CLIENT_SERVER_FAILED not in str(err) or attempt == CLIENT_CONNECT_ATTEMPTS:
+            died = any(marker in str(err) for marker in _CLIENT_SERVER_DIED)
+            if not died or attempt == CLIENT_CONNECT_ATTEMPTS:
                 raise
             logging.getLogger("ray_app").warning(
                 "The Ray client server failed to start (attempt %d of %d); connecting again.",

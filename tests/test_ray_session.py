@@ -26,9 +26,17 @@ def _connect_with(init_side_effect):
         return init, ray_session.connect(ADDRESS)
 
 
+# The other way the proxy reports it (seen in CI): the server is a zombie when it reads it.
+SERVER_ZOMBIE = ConnectionAbortedError(
+    "Initialization failure from server:\nTraceback (most recent call last):\n  File "
+    '"ray/util/client/server/proxier.py", line 396, in start_specific_server\n    cmd = '
+    "psutil_proc.cmdline()\npsutil.ZombieProcess: PID still exists but it's a zombie "
+    "(pid=31127)\n")
+
+
 def test_a_client_server_that_dies_at_start_is_retried_with_a_new_connection():
     context = SimpleNamespace(dashboard_url="127.0.0.1:8265")
-    init, dashboard = _connect_with([SERVER_DIED, SERVER_DIED, context])
+    init, dashboard = _connect_with([SERVER_DIED, SERVER_ZOMBIE, context])
     assert init.call_count == 3 and dashboard == "127.0.0.1:8265"
     assert all(call.kwargs["address"] == ADDRESS for call in init.call_args_list)
 
