@@ -288,7 +288,9 @@ def straight(cluster, small_data, tokenized, tmp_path_factory):
     # actor lives), labelled with the run name.
     loss_metric = f"ray_{RAY_METRICS['loss']}{{"  # Ray's Prometheus prefix: ray_
     seen_loss = False
-    while follow.poll() is None and not seen_loss:
+    # Bounded: a follower whose output pipe filled up would never end while polled here.
+    deadline = time.monotonic() + 420
+    while follow.poll() is None and not seen_loss and time.monotonic() < deadline:
         seen_loss = any(ln.startswith(loss_metric) and 'run="straight"' in ln
                         for ln in cluster.metrics("head").splitlines())
         time.sleep(0.5)
