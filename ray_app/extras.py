@@ -39,6 +39,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "deepspeed": ("gpu", "deepspeed"),
     "bitsandbytes": ("gpu", "bitsandbytes"),
     "liger_kernel": ("gpu", "liger-kernel"),
+    "triton": ("gpu", "triton"),
 }
 # tracking.backends -> the module each one logs through
 TRACKERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
@@ -92,6 +93,8 @@ def check_packages(cfg: Config) -> None:
         ("bitsandbytes", f"train.optimizer: {cfg.train.optimizer}",
          cfg.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"), ""),
         ("liger_kernel", "model.liger: on", cfg.model.liger == "on", ""),
+        ("triton", "model.precision: fp8", cfg.model.precision == "fp8",
+         "set model.precision: default"),
         *((TRACKERS[b], f"tracking.backends: {b}", True, "remove it from tracking.backends")
           for b in cfg.tracking.backends),
     ]

@@ -2,7 +2,7 @@
 # Creates .venv and installs the project. Usage: scripts/setup.sh [--test] [--gpu]
 #   --test  also installs the test tools (pytest, helm, moto, ...) and every extra the tests
 #           run (eval, plot, tune, tracking, k8s; DeepSpeed and bitsandbytes on CPU)
-#   --gpu   also installs the GPU extras (DeepSpeed, bitsandbytes, Liger); automatic when
+#   --gpu   also installs the GPU extras (DeepSpeed, bitsandbytes, Liger, Triton); automatic when
 #           nvidia-smi finds a GPU.
 # torch is pinned and installed first: on a machine with a local CPU wheel of that
 # version (CI) pip takes it from there; on a GPU machine the same pin resolves to the

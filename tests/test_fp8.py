@@ -6,7 +6,7 @@ arithmetic (torch._scaled_mm has a CPU kernel) is checked against a float64 refe
 computed here, and the swap leaves LoRA, lm_head and the trainable parts alone.
 On a GPU with FP8 tensor cores (skipped elsewhere; the last run is in
 bench/results/gpu_tests_fp8.txt): a LoRA model's loss and adapter gradients against bf16,
-eager and compiled."""
+eager and compiled, and the fused quantisation kernel against the plain torch one."""
 
 from __future__ import annotations
 
@@ -103,6 +103,24 @@ def test_frozen_fp8_linear_matches_a_float64_reference_forward_and_backward():
     assert (y.double() - reference).norm() / reference.norm() < 0.05
     assert (x.grad.double() - reference_grad).norm() / reference_grad.norm() < 0.05
     assert not any(p.requires_grad for p in fp8.parameters())
+
+
+@fp8_gpu
+@pytest.mark.parametrize("cols", [1024, 4096, 5000, 14336])
+def test_the_fused_quantisation_kernel_gives_what_the_torch_reference_gives(cols):
+    """Every e4m3 byte and scale of the GPU's fused kernel equals plain torch's, on rows of
+    very different size, an all-zero row, and a view with a row stride of its own."""
+    from ray_app.model.fp8_kernels import quantize_rows_fused
+
+    torch.manual_seed(0)
+    sizes = torch.logspace(-4, 4, 96, device="cuda")[:, None]
+    t = (torch.randn(96, cols + 64, device="cuda") * sizes).bfloat16()
+    t[3] = 0
+    for x in (t[:, :cols], t[:, :cols].contiguous()):
+        expected, expected_scale = quantize_rows(x)
+        got, got_scale = quantize_rows_fused(x, torch.float8_e4m3fn)
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+        assert torch.equal(got_scale, expected_scale)
 
 
 def _tiny_lora(targets):

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # Modules that import an optional package at their top, and are themselves imported only
 # inside a function that turns the ImportError into the extra's pip line.
-OPTIONAL_MODULES = {"ray_app/k8s/validate.py": "jsonschema"}  # via ray_app.k8s.cli._validator
+OPTIONAL_MODULES = {"ray_app/k8s/validate.py": "jsonschema",  # via ray_app.k8s.cli._validator
+                    "ray_app/model/fp8_kernels.py": "triton"}  # via fp8.quantize_activations
 
 
 def _canonical(name: str) -> str:
@@ -123,7 +124,7 @@ def test_the_test_extra_pins_every_optional_package_the_tests_run():
         if extra in ("test", "bench"):
             continue
         for dist, spec in requirements.items():
-            if dist == "liger-kernel":  # Triton kernels: GPU only (tests/test_gpu.py)
+            if dist in ("liger-kernel", "triton"):  # GPU only (tests/test_gpu.py, test_fp8.py)
                 continue
             assert test.get(dist) == spec, f"test extra: {spec!r} of extra {extra!r} missing"
 
@@ -162,6 +163,9 @@ def _cfg(**sections) -> dict:
      "train.optimizer: paged_adamw_8bit"),
     ("liger_kernel", {"model": {"liger": "on"}, "scaling": {"use_gpu": True}}, "gpu",
      "model.liger: on"),
+    ("triton", {"model": {"precision": "fp8"},
+                "scaling": {"use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 1}}},
+     "gpu", "model.precision: fp8"),
     ("wandb", {"tracking": {"backends": ["wandb"]}}, "tracking", "tracking.backends: wandb"),
     ("tensorboardX", {"tracking": {"backends": ["tensorboard"]}}, "tracking",
      "tracking.backends: tensorboard"),
@@ -183,6 +187,16 @@ def test_liger_on_without_liger_kernel_fails_with_the_gpu_extra_in_the_worker_to
     assert not use_liger(ModelSection(liger="auto"), "llama", use_gpu=True)
     with pytest.raises(MissingPackage, match=re.escape(_install_line("gpu"))):
         use_liger(ModelSection(liger="on"), "llama", use_gpu=True)
+
+
+def test_fp8_without_triton_fails_at_the_workers_set_up_with_the_gpu_extra(block):
+    import torch
+
+    from ray_app.model.fp8 import to_fp8_base
+
+    block("triton")
+    with pytest.raises(MissingPackage, match=re.escape(_install_line("gpu"))):
+        to_fp8_base(torch.nn.Module(), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("module", ["rouge_score", "sacrebleu"])

@@ -10,9 +10,9 @@ e4m3 throughout):
   copy with one scale per input column for the backward (`_scaled_mm` takes its second
   operand column-major, and re-laying out the weight every step would cost what FP8 saves).
   The two copies hold what the bf16 weight held, which is freed;
-- the activations and output gradients, every step: e4m3 with one scale per token, inside
-  the op that runs the matmul (`fp8_linear`), which a compiled layer (`model.compile`)
-  calls as one opaque op.
+- the activations and output gradients, every step: e4m3 with one scale per token, by one
+  fused kernel (`fp8_kernels`) inside the op that runs the matmul (`fp8_linear`), which a
+  compiled layer (`model.compile`) calls as one opaque op.
 
 LoRA A/B, norms, attention, embeddings and lm_head stay in bf16. The FP8 weights are
 non-persistent buffers, not parameters: FSDP2 would cast parameters to its bf16 gather
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ray_app.errors import UserError
+from ray_app.extras import require
 from ray_app.model.loading import decoder_layers
 
 E4M3 = torch.float8_e4m3fn
@@ -60,37 +61,50 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.reciprocal()
 
 
+def quantize_activations(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of a step's activations or output gradients: on the GPU one fused
+    Triton kernel (`fp8_kernels`, imported there only: CPU installs need no Triton), in
+    plain torch elsewhere."""
+    if t.is_cuda:
+        from ray_app.model.fp8_kernels import quantize_rows_fused
+
+        return quantize_rows_fused(t, E4M3)
+    return quantize_rows(t)
+
+
 @torch.library.custom_op("ray_app::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_t: torch.Tensor,
-               w_t_scale: torch.Tensor) -> torch.Tensor:
+               w_t_scale: torch.Tensor, fast_accum: bool = True) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T in FP8 into bf16 [M, N]: x quantised here, one scale per row;
     w is e4m3 with one scale per output row (`w_scale`, [1, N]). `w_t`/`w_t_scale` (the
-    weight's transposed copy) serve the backward, dy @ w, which is this op again.
+    weight's transposed copy) serve the backward, dy @ w, which is this op again, with
+    `fast_accum` off: Hopper's faster FP8 accumulation for the forward only, as in
+    torchao's float8 recipes, where its rounding does not reach the gradients.
 
     One opaque op for torch.compile, quantisation included: with the quantisation left to
     Inductor around an opaque `_scaled_mm`, a compiled decoder layer gave wrong input
     gradients on an H200 (torch 2.11; the adapter's gradients had cosine 0.02 with bf16's)
     while the same code in eager mode gave the right ones."""
-    q, scale = quantize_rows(x)
+    q, scale = quantize_activations(x)
     return torch._scaled_mm(q, w.t(), scale_a=scale, scale_b=w_scale.contiguous(),
-                            out_dtype=torch.bfloat16)
+                            out_dtype=torch.bfloat16, use_fast_accum=fast_accum and q.is_cuda)
 
 
 @fp8_linear.register_fake
-def _(x, w, w_scale, w_t, w_t_scale):
+def _(x, w, w_scale, w_t, w_t_scale, fast_accum=True):
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.bfloat16)
 
 
 def _fp8_linear_setup(ctx, inputs, output):
-    _, _, _, w_t, w_t_scale = inputs
+    _, _, _, w_t, w_t_scale, _ = inputs
     ctx.save_for_backward(w_t, w_t_scale)
 
 
 def _fp8_linear_backward(ctx, grad):
     """dy @ W, in FP8 through the transposed copy; the frozen weight gets no gradient."""
     w_t, w_t_scale = ctx.saved_tensors
-    grad_x = fp8_linear(grad.contiguous(), w_t, w_t_scale, w_t, w_t_scale)
-    return grad_x, None, None, None, None
+    grad_x = fp8_linear(grad.contiguous(), w_t, w_t_scale, w_t, w_t_scale, False)
+    return grad_x, None, None, None, None, None
 
 
 fp8_linear.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup)
@@ -136,6 +150,8 @@ def to_fp8_base(model: nn.Module, device: torch.device,
     LoRA wrappers keep their `base_layer` slot, which gets the FP8 module) by a
     `FrozenFP8Linear` on `device`; returns how many. Call after the adapter is added, so
     that PEFT finds plain linears to wrap. Linears that `fits_fp8` turns down stay bf16."""
+    if device.type == "cuda":  # at set-up, not at the first step: the GPU's kernel needs it
+        require("triton", "model.precision: fp8", "set model.precision: default")
     swapped = 0
     for layer in decoder_layers(model):
         for name, module in list(layer.named_modules()):
