@@ -83,14 +83,17 @@ def test_a_build_killed_at_any_point_leaves_nothing_that_a_rerun_reads(ray_clust
 
     store = tmp_path / "storage"
     rng = random.Random()
-    for delay in (0.0, rng.uniform(0.5, 3.0)):  # as the build starts, and somewhere in it
-        proc = subprocess.Popen([sys.executable, "-m", "ray_app", "data", str(config),
-                                 "--num-cpus", "1"], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for i, delay in enumerate((0.0, rng.uniform(0.5, 3.0))):  # as it starts, somewhere in it
+        log = tmp_path / f"killed_{i}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "ray_app", "data", str(config),
+                                     "--num-cpus", "1"], start_new_session=True,
+                                    stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
-            while not _builds(store) or len(_builds(store)) < (1 if delay == 0.0 else 2):
-                assert proc.poll() is None and time.monotonic() < deadline, "the build never started"
+            while not _builds(store) or len(_builds(store)) < i + 1:
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    f"build {i} never started: {log.read_text(errors='replace')[-4000:]}")
                 time.sleep(0.05)
             time.sleep(delay)
         finally:
