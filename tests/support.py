@@ -69,6 +69,14 @@ def _tensors(value: Any, path: str, out: dict[str, Any]) -> None:
             _tensors(item, f"{path}/{i}", out)
 
 
+# For runs whose subject is not distribution (methods, data, outputs, tracking, results):
+# one Ray Train worker process instead of two. On the 2 cores of CI each worker's start
+# (torch, transformers and PEFT imports) costs ~10 CPU-seconds, and the suite is CPU-bound.
+# Such runs double batch_size_per_worker where the global batch matters. Distribution,
+# recovery and exact resume keep two workers (test_strategies, test_recovery, test_training).
+ONE_WORKER = {"num_workers": 1}
+
+
 def tiny_config(train_paths: Path | list[str], tmp: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A config dict for a fast 2-worker CPU run; `sections` update its sections."""
     cfg: dict[str, Any] = {

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from rich.console import Console
-from support import tiny_config
+from support import ONE_WORKER, tiny_config
 
 import ray_app
 from ray_app.errors import UserError
@@ -151,7 +151,7 @@ def test_progress_in_jupyter_with_ipywidgets_is_live(monkeypatch):
 @pytest.mark.timeout(300)
 def test_train_returns_a_run_result_whose_metrics_rows_match_run_summary_json(
         ray_cluster, small_data, tmp_path):
-    cfg = tiny_config(small_data, tmp_path, run={"name": "api"},
+    cfg = tiny_config(small_data, tmp_path, run={"name": "api"}, scaling=ONE_WORKER,
                       train={"max_steps": 4, "eval_every": 2})
     console = Console(record=True, file=io.StringIO(), width=120)
     result = ray_app.train(cfg, console=console)

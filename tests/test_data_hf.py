@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import tiny_config
+from support import ONE_WORKER, tiny_config
 
 from ray_app.config import validate_config
 from ray_app.data.hub import PARQUET_REVISION, expand_hub
@@ -326,7 +326,7 @@ def test_a_saved_dataset_trains_end_to_end(ray_cluster, hf_data, tmp_path):
 
     _, saved = hf_data
     cfg = tiny_config([], tmp_path, data={"train": [{"path": str(saved), "fields": CHAT_FIELDS}]},
-                      train={"max_steps": 2, "batch_size_per_worker": 2})
+                      train={"max_steps": 2, "batch_size_per_worker": 4}, scaling=ONE_WORKER)
     summary = run_training(validate_config(cfg), Console(width=120))
     assert summary["status"] == "succeeded", summary.get("error")
     assert summary["train"]["steps"] == 2 and Path(summary["adapter_path"]).is_dir()

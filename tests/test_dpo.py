@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from support import tiny_config, write_lines
+from support import ONE_WORKER, tiny_config, write_lines
 
 from ray_app.config import DpoSection, validate_config
 from ray_app.data.tokenize import IGNORE
@@ -108,9 +108,9 @@ def pairs(tmp_path_factory) -> Path:
 def _dpo_config(data: Path, tmp: Path, **train):
     return tiny_config(data, tmp, data={"eval_fraction": 0.15, "max_seq_len": 64},
                        train={"method": "dpo", "max_steps": 8, "lr": 3e-3,
-                              "batch_size_per_worker": 4, "checkpoint_every": 4,
+                              "batch_size_per_worker": 8, "checkpoint_every": 4,
                               "eval_every": 0, **train},
-                       run={"name": "dpo", "max_failures": 1})
+                       scaling=ONE_WORKER, run={"name": "dpo", "max_failures": 1})
 
 
 @pytest.mark.ray

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from rich.console import Console
-from support import tiny_config
+from support import ONE_WORKER, tiny_config
 
 from ray_app.cli import main
 from ray_app.config import validate_config
@@ -27,8 +27,8 @@ def trained(ray_cluster, small_data, tmp_path_factory) -> dict[str, Path]:
     from ray_app.train.run import run_training
 
     tmp = tmp_path_factory.mktemp("eval_merge")
-    cfg = tiny_config(small_data, tmp, run={"name": "evalmerge"},
-                      train={"max_steps": 6, "checkpoint_every": 6})
+    cfg = tiny_config(small_data, tmp, run={"name": "evalmerge"}, scaling=ONE_WORKER,
+                      train={"max_steps": 6, "checkpoint_every": 6, "batch_size_per_worker": 16})
     cfg["eval"] = {"max_new_tokens": 6, "batch_size": 16}
     summary = run_training(validate_config(cfg), Console(width=120))
     assert summary["status"] == "succeeded", summary.get("error")

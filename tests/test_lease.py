@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import tiny_config
+from support import ONE_WORKER, tiny_config
 
 from ray_app.errors import UserError
 from ray_app.train import lease
@@ -121,7 +121,7 @@ def test_the_heartbeat_keeps_a_long_run_alive(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(420)
 def test_two_ray_app_trains_of_one_run_at_once_train_once(small_data, tmp_path):
-    cfg = tiny_config(small_data, tmp_path, train={"max_steps": 3},
+    cfg = tiny_config(small_data, tmp_path, train={"max_steps": 3}, scaling=ONE_WORKER,
                       run={"name": "twice", "output_dir": str(tmp_path / "out")})
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))

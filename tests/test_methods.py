@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from ray import cloudpickle
 from rich.console import Console
-from support import tiny_config
+from support import ONE_WORKER, tiny_config
 
 from ray_app.config import validate_config
 from ray_app.data.collate import PackedCollate, PadCollate
@@ -79,7 +79,8 @@ def registered(monkeypatch):
 def test_a_new_method_is_one_class_and_one_line_of_registration(
         ray_cluster, registered, small_data, tmp_path):
     seen: list[dict] = []
-    cfg = tiny_config(small_data, tmp_path, train={"method": "sequence_mean", "max_steps": 6})
+    cfg = tiny_config(small_data, tmp_path, train={"method": "sequence_mean", "max_steps": 6},
+                      scaling=ONE_WORKER)
     summary = run_training(validate_config(cfg), Console(width=120), on_metrics=seen.append)
     assert summary["status"] == "succeeded", summary.get("error")
     assert summary["eval"]["loss_final"] < summary["eval"]["loss_initial"]
@@ -92,7 +93,7 @@ def test_a_new_method_is_one_class_and_one_line_of_registration(
 
 def test_a_workers_user_error_fails_the_run_at_once(ray_cluster, registered, small_data,
                                                      tmp_path):
-    cfg = tiny_config(small_data, tmp_path, train={"method": "refuses"},
+    cfg = tiny_config(small_data, tmp_path, train={"method": "refuses"}, scaling=ONE_WORKER,
                       run={"name": "refuses", "max_failures": 3})
     summary = run_training(validate_config(cfg), Console(width=120))
     assert summary["status"] == "failed"

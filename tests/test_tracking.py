@@ -16,6 +16,7 @@ import pytest
 import yaml
 from rich.console import Console
 from support import (
+    ONE_WORKER,
     read_tensorboard,
     read_wandb_history,
     secret_leaks,
@@ -37,7 +38,7 @@ def tracked(small_data, tmp_path_factory):
     secret environment variable set (the run starts its own Ray cluster, so the workers
     see them too)."""
     tmp = tmp_path_factory.mktemp("tracked")
-    cfg = tiny_config(small_data, tmp, run={"name": "tracked"},
+    cfg = tiny_config(small_data, tmp, run={"name": "tracked"}, scaling=ONE_WORKER,
                       tracking={"backends": ALL, "project": "tests"})
     config = tmp / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from support import tiny_config
+from support import ONE_WORKER, tiny_config
 
 from ray_app.config import validate_config
 from ray_app.train.run import run_training
@@ -57,7 +57,7 @@ def test_a_hostile_corpus_trains_with_every_line_accounted_for(ray_cluster, tmp_
 
     corpus = hostile_corpus(tmp_path)
     cfg = tiny_config(corpus.folder, tmp_path, data=hostile_data_config(),
-                      train={"max_steps": 2, "batch_size_per_worker": 2})
+                      train={"max_steps": 2, "batch_size_per_worker": 4}, scaling=ONE_WORKER)
     cfg["model"]["tokenizer"] = str(corpus.tokenizer)
     summary = _train(cfg)
     assert summary["status"] == "succeeded", summary.get("error")
