@@ -178,13 +178,13 @@ class LocalCluster:
         except ValueError:
             return 0
 
-    def ray(self, *args: str, check: bool = True, stderr: bool = False) -> str:
+    def ray(self, *args: str, check: bool = True) -> str:
         address = (["--address", self.dashboard] if args[0] in ("job", "list") else [])
         done = subprocess.run([RAY, *args[:1], *args[1:2], *address, *args[2:]], check=False,
                               env=self.env, capture_output=True, text=True, timeout=120)
         if check and done.returncode:
             raise AssertionError(f"ray {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-        return done.stdout + (done.stderr if stderr else "")
+        return done.stdout
 
     def job_status(self, job: str) -> str:
         """The job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) from the Jobs
