@@ -63,7 +63,7 @@ def main(work: Path) -> None:
         thread.start()
         started = time.monotonic()
         summary = run_training(validate_config(tiny_config(data, work / f"r{run}")),
-                               Console(file=open("/dev/null", "w")))
+                               Console(quiet=True))
         wall = time.monotonic() - started
         stop.set()
         thread.join()
