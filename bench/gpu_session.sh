@@ -42,7 +42,7 @@ for what in "$@"; do
     fp8)
       timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fp8.py 2>&1 \
         | tee "$out/gpu_tests_fp8.txt"
-      timeout 400 python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 --steps 120 quality micro \
+      timeout 400 python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 --steps 120 micro quality \
         > "$out/gpu_fp8.log" 2>&1 ;;
     speed8b)
       python bench/gpu_throughput.py --models 8b --data fixed --targets qkvo --common-batch 8 \

@@ -20,6 +20,27 @@ _BLOCK = 2048
 
 
 @triton.jit
+def _round_to_e4m3_grid(v):
+    """`v` (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, still in fp32.
+    Triton's fp32 -> e4m3 cast rounds twice on the GPU (Triton 3.6 on an H100: 10.500001
+    became 10, where one rounding, torch's, gives 11). On this grid the cast has
+    nothing left to round. One e4m3 step is 2^(e - 3) for a value of exponent e, and 2^-9
+    below the smallest normal (2^-6, biased fp32 exponent 121)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF
+    step_exponent = tl.maximum(exponent, 121) - 3
+    inv_step = ((254 - step_exponent) << 23).to(tl.float32, bitcast=True)
+    step = (step_exponent << 23).to(tl.float32, bitcast=True)
+    steps = tl.abs(v) * inv_step  # <= 16; times a power of two: exact
+    # Adding and taking away 1.5 * 2^23 rounds to an integer, ties to even (fp32 keeps no
+    # fraction at that size); exact again once multiplied by the power of two `step`.
+    magnitude = ((steps + 12582912.0) - 12582912.0) * step
+    # The sign bit put back as it was: -0.0001 rounds to -0, as torch's cast gives.
+    return (magnitude.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32,
+                                                                               bitcast=True)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, inv_scale_ptr, x_row_stride, q_row_stride,
                           n_cols: tl.constexpr, fp8_max: tl.constexpr, block: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -30,16 +51,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, inv_scale_ptr, x_row_stride, q_row_strid
         cols = start + offsets
         values = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(values))
-    # The same arithmetic as fp8.quantize_rows: scale = max / amax, values * scale clamped.
-    # div_rn: IEEE division like torch's (Triton's `/` on fp32 is approximate).
-    scale = tl.math.div_rn(fp8_max, tl.maximum(tl.max(amax, axis=0), 1e-12))
+    # fp8_max * (1 / amax), as torch evaluates `fp8_max / amax_tensor` in the reference.
+    scale = tl.math.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-12)) * fp8_max
     q_row = q_ptr + row * q_row_stride
     for start in range(0, n_cols, block):
         cols = start + offsets
         mask = cols < n_cols
         values = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         scaled = tl.minimum(tl.maximum(values * scale, -fp8_max), fp8_max)
-        tl.store(q_row + cols, scaled.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + cols, _round_to_e4m3_grid(scaled).to(q_ptr.dtype.element_ty),
+                 mask=mask)
     tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
 
@@ -47,6 +68,8 @@ def quantize_rows_fused(t: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.
                                                                             torch.Tensor]:
     """(fp8 tensor, fp32 inverse scale [rows, 1]) of a 2-D tensor with unit column stride:
     what `fp8.quantize_rows` returns, in one kernel launch."""
+    if fp8_dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the kernel rounds to e4m3 only, not {fp8_dtype}")
     rows, cols = t.shape
     q = torch.empty((rows, cols), dtype=fp8_dtype, device=t.device)
     inv_scale = torch.empty((rows, 1), dtype=torch.float32, device=t.device)

@@ -4,7 +4,7 @@
               optimizer, scheduler), the method's collates
     restore:  the newest intact checkpoint, if any (adapter, optimizer, scheduler, RNG,
               step, data cursor)
-    evaluate: once before training (the "initial" metrics)
+    evaluate: once before a new run's training (the "initial" metrics; not on a resume)
     for each optimizer step:
               micro-batches in the fixed, resumable order -> method loss -> engine step
               -> metrics -> eval / checkpoint / preemption when due
@@ -81,13 +81,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             return evaluate(engine, method, eval_shard, eval_collate, t.batch_size_per_worker,
                             autocast)
 
-    # Restore, and evaluate where training starts.
+    # Restore, and evaluate where a new run starts. A resumed attempt does not evaluate
+    # again: its time is the recovery's, which the run loses (8B shape: a pass in eval mode
+    # and its compilation before the first step back).
     state, resumed, warnings = _restore(engine)
     # This attempt's checkpoint folders never reuse a folder an earlier attempt wrote.
     attempt = ray.train.collective.broadcast_from_rank_zero(ckpt.new_attempt_id())
     reporter = Reporter(cfg, plan, engine, state, loop_config.get("progress"), attempt,
                         worker_started)
-    initial = run_eval()
+    initial = {} if resumed else run_eval()
     if not resumed:
         state.eval_initial = {k: v for k, v in initial.items() if v is not None}
     reporter.publish({"step": state.step, "epoch": state.epoch, **initial, "resumed": resumed,
@@ -171,9 +173,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.sample_cursor = 0
 
     # Resumed at the very end (the same command after the run finished): Ray Train's result
-    # is its newest checkpoint's metrics, so this attempt writes the final one again.
+    # is its newest checkpoint's metrics, so this attempt writes the final one again, with
+    # the final eval metrics.
     if last_checkpoint != state.step:
-        reporter.checkpoint({**initial, "final": True, "start_step": start_step}, True)
+        reporter.checkpoint({**(initial or run_eval()), "final": True, "start_step": start_step},
+                            True)
 
 
 @dataclass
