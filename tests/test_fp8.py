@@ -3,12 +3,18 @@
 On CPU (CI): the setting is refused before Ray starts without GPUs, with nf4, with another
 dtype and with DeepSpeed, and on a device without FP8 tensor cores; the module's
 arithmetic (torch._scaled_mm has a CPU kernel) is checked against a float64 reference
-computed here, and the swap leaves LoRA, lm_head and the trainable parts alone.
+computed here, the swap leaves LoRA, lm_head and the trainable parts alone, and the fused
+quantisation kernel, run by Triton's interpreter, rounds as torch does.
 On a GPU with FP8 tensor cores (skipped elsewhere; the last run is in
 bench/results/gpu_tests_fp8.txt): a LoRA model's loss and adapter gradients against bf16,
 eager and compiled, and the fused quantisation kernel against the plain torch one."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -121,6 +127,58 @@ def test_the_fused_quantisation_kernel_gives_what_the_torch_reference_gives(cols
         got, got_scale = quantize_rows_fused(x, torch.float8_e4m3fn)
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
         assert torch.equal(got_scale, expected_scale)
+
+
+# Run with TRITON_INTERPRET=1 in a process of its own: Triton reads it when the kernel is
+# defined. The interpreter's own e4m3 cast is wrong on ties and on carries into the exponent
+# (numpy emulation), so bytes equal to torch's here mean the kernel's own rounding did it.
+_INTERPRETED_KERNEL = """
+import json, torch
+from ray_app.model.fp8 import quantize_rows
+from ray_app.model.fp8_kernels import quantize_rows_fused
+
+e4m3 = torch.float8_e4m3fn
+# Every e4m3 tie (halfway between neighbours), the fp32 values either side of it, and a
+# sweep: rows whose amax is 448, so the scale is 1 and the kernel rounds these values as
+# they are.
+ties = torch.tensor([(m + 0.5) * 2.0 ** e for e in range(-9, 6) for m in range(8, 16)])
+ties = torch.cat([ties, torch.nextafter(ties, torch.tensor(1e9)),
+                  torch.nextafter(ties, torch.tensor(-1e9)), torch.linspace(-448, 448, 40001)])
+values = torch.cat([ties, -ties])
+values = values[values.abs() <= 448]
+values = torch.cat([values, torch.zeros((-len(values)) % 255)]).view(-1, 255)
+rows = torch.cat([values, torch.full((len(values), 1), 448.0)], dim=1)
+q, inv_scale = quantize_rows_fused(rows, e4m3)
+grid = {"values": rows.numel(), "scales_one": bool((inv_scale == 1).all()),
+        "bytes_differ": int((q.view(torch.uint8) != rows.to(e4m3).view(torch.uint8)).sum())}
+torch.manual_seed(0)
+t = (torch.randn(48, 1064) * torch.logspace(-4, 4, 48)[:, None]).bfloat16()
+t[3] = 0
+t[5, :4] = torch.tensor([-1e-30, -0.0, 0.0, 1e-30])
+random = []
+for x in (t[:, :1000], t[:, :1000].contiguous()):
+    expected, expected_scale = quantize_rows(x)
+    got, got_scale = quantize_rows_fused(x, e4m3)
+    random.append({"bytes_differ": int((got.view(torch.uint8) != expected.view(torch.uint8)).sum()),
+                   "scales_equal": bool(torch.equal(got_scale, expected_scale))})
+print(json.dumps({"grid": grid, "random": random}))
+"""
+
+
+def test_the_quantisation_kernel_rounds_every_value_as_torch_does_in_tritons_interpreter():
+    """On CPU, through Triton's interpreter: the fused kernel's e4m3 bytes and scales equal
+    torch's for every tie of the e4m3 grid and the fp32 values beside it, for a sweep of
+    448 range, signed zeros and tiny values, and for bf16 rows of very different size (an
+    all-zero row, a strided view). The GPU test below does the same on the hardware."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL], check=False, env=env,
+                          capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["grid"]["values"] > 40_000 and result["grid"]["scales_one"], result
+    assert result["grid"]["bytes_differ"] == 0, result
+    assert result["random"] == [{"bytes_differ": 0, "scales_equal": True}] * 2, result
 
 
 def _tiny_lora(targets):

@@ -124,7 +124,7 @@ def test_the_test_extra_pins_every_optional_package_the_tests_run():
         if extra in ("test", "bench"):
             continue
         for dist, spec in requirements.items():
-            if dist in ("liger-kernel", "triton"):  # GPU only (tests/test_gpu.py, test_fp8.py)
+            if dist == "liger-kernel":  # GPU only (tests/test_gpu.py)
                 continue
             assert test.get(dist) == spec, f"test extra: {spec!r} of extra {extra!r} missing"
 
