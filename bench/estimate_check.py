@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_throughput import LORA_DROPOUT, LORA_R, LORA_TARGETS, SHAPES
+from gpu_throughput import LORA_DROPOUT, LORA_R, SHAPES, TARGET_SETS
 
 from ray_app.estimate import GIB, Plan, estimate, shape_of
 
@@ -38,13 +38,19 @@ def shape(key: str):
     return shape_of(LlamaConfig(**fields), SHAPES[key]["name"])
 
 
+def _targets(row: dict) -> tuple[str, ...] | str:
+    """The run's LoRA targets (rows before `targets` was recorded ran q,k,v,o)."""
+    targets = TARGET_SETS[row.get("targets") or "qkvo"]
+    return targets if targets == "all-linear" else tuple(targets)
+
+
 def plan_of(row: dict) -> Plan:
     settings = row["settings"]
     ckpt = "all" if "act. ckpt all" in settings else "none"
     optimizer = next((o for o in ("paged_adamw_8bit", "adamw_8bit") if o in settings), "adamw")
     return Plan(
         method=row["method"], strategy="ddp", gpus=row.get("gpus", 1), batch=row["batch"],
-        seq_len=row["seq_len"], lora_r=LORA_R, lora_targets=tuple(LORA_TARGETS),
+        seq_len=row["seq_len"], lora_r=LORA_R, lora_targets=_targets(row),
         lora_dropout=LORA_DROPOUT, liger="liger on" in settings, checkpointing=ckpt,
         optimizer=optimizer, packed_mask=row["data"] == "variable",
         # Newer rows say so in `fused_eval`; older ones in their settings text.
@@ -70,7 +76,8 @@ def check(rows: list[dict]) -> list[dict]:
                 continue
             error = predicted / GIB / measured - 1
             out.append({
-                "model": row["model"], "method": row["method"], "batch": row["batch"],
+                "model": row["model"], "targets": row.get("targets") or "qkvo",
+                "device": row.get("device"), "method": row["method"], "batch": row["batch"],
                 "data": row["data"], "settings": row["settings"], "compared": against,
                 "measured_gib": round(measured, 2), "estimate_gib": round(predicted / GIB, 2),
                 "error": round(error, 4), "scored": scored,
@@ -88,15 +95,16 @@ def markdown(results: list[dict]) -> str:
         "# `ray-app estimate` against measured peak GPU memory", "",
         (f"{hits} of {len(scored)} scored runs within ±{TARGET:.0%}; largest error "
         f"{worst:.1%}. Measured: `torch.cuda.max_memory_allocated` of the Ray Train worker on "
-        "one H100 (`bench/results/gpu_throughput.json`). Estimate: `ray_app/estimate.py` "
+        "one GPU (`bench/results/gpu_throughput.json`). Estimate: `ray_app/estimate.py` "
         "with each run's settings. Made by `python bench/estimate_check.py`."), "",
-        ("| model | method | batch | data | settings | compared | measured GiB | estimate GiB "
-        "| error |"),
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| model | LoRA targets | GPU | method | batch | data | settings | compared "
+         "| measured GiB | estimate GiB | error |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         error = f"{r['error']:+.1%}" + ("" if r["scored"] else " (not scored: defect row)")
-        lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['data']} | "
+        lines.append(f"| {r['model']} | {r['targets']} | {r['device']} | {r['method']} "
+                     f"| {r['batch']} | {r['data']} | "
                      f"{r['settings']} | {r['compared']} | {r['measured_gib']:.2f} | "
                      f"{r['estimate_gib']:.2f} | {error} |")
     return "\n".join(lines) + "\n"

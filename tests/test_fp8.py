@@ -5,8 +5,8 @@ dtype and with DeepSpeed, and on a device without FP8 tensor cores; the module's
 arithmetic (torch._scaled_mm has a CPU kernel) is checked against a float64 reference
 computed here, the swap leaves LoRA, lm_head and the trainable parts alone, and the fused
 quantisation kernel, run by Triton's interpreter, rounds as torch does.
-On a GPU with FP8 tensor cores (skipped elsewhere; the last run is in
-bench/results/gpu_tests_fp8.txt): a LoRA model's loss and adapter gradients against bf16,
+On a GPU with FP8 tensor cores (skipped elsewhere; runs in
+bench/results/gpu_tests_fp8_*.txt): a LoRA model's loss and adapter gradients against bf16,
 eager and compiled, and the fused quantisation kernel against the plain torch one."""
 
 from __future__ import annotations
