@@ -4,8 +4,9 @@
 cast), each a pass over the activation, and inside an opaque custom op Inductor cannot
 fuse them: on an H200 that made every FP8 linear of the 8B shape slower than bf16
 (bench/results/gpu_fp8.md). This kernel reads each row twice (the second read mostly from
-L2) and writes its e4m3 values and scale once. Triton is imported here only, on the GPU;
-its results equal `fp8.quantize_rows` (tests/test_fp8.py, on the GPU)."""
+L2) and writes its e4m3 values and scale once. Triton is imported here only (the training
+path imports this module on GPUs only); its results equal `fp8.quantize_rows`, byte for
+byte (tests/test_fp8.py: on the GPU, and on CPU through Triton's interpreter)."""
 
 from __future__ import annotations
 
