@@ -7,8 +7,9 @@ and the time a restart costs.
 2. `quality`: the Llama-3.2-1B shape (random init), LoRA r16 on q,k,v,o, Liger + compile,
    batch 16 x 2048, trained by `ray_app.train.run.run_training` for --steps steps on a
    learnable synthetic corpus (arithmetic progressions written out as text: every number
-   follows from the two before it), once in bf16 and once with model.precision fp8. Both
-   loss curves, the final eval loss (16 held-out records) and the wall-clock tokens/s of
+   follows from the two before it), once in bf16 and once with model.precision fp8
+   (--precisions; default,fp8,default adds a second bf16 run: the run-to-run spread), with
+   the product's cosine schedule (--schedule). The loss curves, the final eval loss (16 held-out records) and the wall-clock tokens/s of
    each run (`gpu_throughput.ray_app_run`: between the reports of step 10 and the last
    before the final step, as the driver received them) are kept. In the same process:
    the common recipe (`gpu_throughput.common_recipe`, HF + PEFT, gradient checkpointing, at
@@ -17,7 +18,7 @@ and the time a restart costs.
    bf16 and FP8. Each ray_app run also keeps the loop's own step-time figure
    (`tokens_per_s_loop`), which its wall-clock figure is compared with.
 3. `restart`: an FP8 run (`--restart-model`: the 1B shape at batch 16 or the 8B shape at
-   batch 8) with a worker failure injected after step 15 (checkpoint every 10 steps); the
+   batch 4, which fits 80 GB) with a worker failure injected after step 15 (checkpoint every 10 steps); the
    run summary's restart record gives the time from the failure to the end of the first
    step after it (`next_step_s`), with the compile caches kept by the run.
 
@@ -134,13 +135,17 @@ def quality(args, work: Path, save) -> None:
         save(f"plain_loop_{precision}", {"batch": 16, **plain})
         gc.collect()
         torch.cuda.empty_cache()
+    seen: dict[str, int] = {}
     for precision in args.precisions.split(","):
-        m = gt.ray_app_run(f"quality-{precision}", model_dir, train, evals, work, batch=16,
+        # A precision named twice is a repeat (run-to-run spread): its own run name and key.
+        seen[precision] = seen.get(precision, 0) + 1
+        label = precision if seen[precision] == 1 else f"{precision}_{seen[precision]}"
+        m = gt.ray_app_run(f"quality-{label}", model_dir, train, evals, work, batch=16,
                            seq=2048, steps=args.steps, warmup_steps=10, log_every=5,
                            compile_=True, liger="on", quantization="none",
                            checkpointing="none", precision=precision, lr=args.lr,
                            schedule=args.schedule)
-        save(f"ray_app_{precision}", {"batch": 16, **m})
+        save(f"ray_app_{label}", {"batch": 16, "schedule": args.schedule, **m})
 
 
 def restart(args, work: Path, save) -> None:
@@ -177,7 +182,9 @@ def plot(out: Path) -> None:
 
     results = json.loads((out / "gpu_fp8.json").read_text())
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("ray_app_default", "bf16"), ("ray_app_fp8", "fp8 base")):
+    runs = [(key, key.removeprefix("ray_app_").replace("default", "bf16").replace("fp8", "fp8 base"))
+            for key in results if key.startswith("ray_app_")]
+    for key, label in runs:
         curve = [p for p in results[key]["curve"] if p.get("loss") is not None]
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve],
                 label=f"{label} (final eval loss {results[key]['eval_loss_final']:.4f})")
@@ -203,11 +210,13 @@ def main() -> int:
     parser.add_argument("--common-batch", type=int, default=16,
                         help="quality: the common recipe's batch (0: not run)")
     parser.add_argument("--precisions", default="default,fp8",
-                        help="quality: the ray_app runs (model.precision values)")
+                        help="quality: the ray_app runs (model.precision values; one named "
+                        "twice runs again, e.g. default,fp8,default for the bf16 run-to-run "
+                        "spread)")
     parser.add_argument("--plain", action="store_true",
                         help="quality: also time the plain loop (no Ray) in bf16 and FP8")
     parser.add_argument("--restart-model", choices=["1b", "8b"], default="1b",
-                        help="the shape of the restart part (8b: batch 8)")
+                        help="the shape of the restart part (8b: batch 4, fits 80 GB)")
     parser.add_argument("--plot", action="store_true", help="only draw the loss curves")
     args = parser.parse_args()
     if set(args.parts) - {"micro", "quality", "restart"}:

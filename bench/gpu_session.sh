@@ -14,6 +14,9 @@
 # methods:    bench/gpu_methods.py: DPO, ORPO, SimPO, KTO, SFT and the LoRA variants on the
 #             8B shape -> OUT/gpu_methods.json / .md
 # restart8b:  bench/gpu_fp8.py restart on the 8B shape -> OUT/gpu_fp8.json
+# spread:     bench/gpu_fp8.py quality with a second bf16 run (bf16, FP8, bf16 again; no common
+#             recipe): FP8's distance from bf16 against bf16's own run-to-run spread
+#             -> OUT/gpu_fp8.json
 # Run from the repository root with the carried stack active (source .device/activate.sh);
 # wheels in .whl/ (packages the carried stack lacks) are installed first.
 set -uo pipefail
@@ -55,6 +58,9 @@ for what in "$@"; do
       python bench/gpu_methods.py --out "$out" --methods \
         dpo,orpo,simpo,kto,sft,dpo+dora,dpo+rslora,dpo+loraplus,simpo+olora,simpo+pissa \
         > "$out/gpu_methods.log" 2>&1 ;;
+    spread)
+      timeout 560 python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 --steps 120 quality \
+        --precisions default,fp8,default --common-batch 0 > "$out/spread.log" 2>&1 ;;
     restart8b)
       python bench/gpu_fp8.py --out "$out" --work /tmp/gt --restart-model 8b restart \
         > "$out/restart8b.log" 2>&1 ;;
