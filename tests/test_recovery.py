@@ -79,6 +79,11 @@ def test_worker_failure_resumes_exactly_where_the_uninterrupted_run_would_be(
     assert "injected failure at step 5" in restart["cause"]
     assert restart["resumed_from_step"] == 4 and restart["recovery_s"] > 0
     assert restart["steps_lost"] == 0  # step 5 failed before it was reported
+    # Where the recovery's time went: set-up and restore are parts of the restarted worker's
+    # time to its first step, itself part of the time from the failure (0.1 s: rounding).
+    assert restart["set_up_s"] > 0 and restart["restore_s"] >= 0
+    assert restart["set_up_s"] + restart["restore_s"] <= restart["first_step_s"] + 0.1
+    assert restart["first_step_s"] <= restart["next_step_s"]
     steps = committed_steps(storage / "crashy" / "sample_trace")
     expected_summary, expected_steps, expected_optimizer = straight
     assert steps == expected_steps and sorted(steps) == list(range(1, STEPS + 1))

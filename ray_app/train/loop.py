@@ -64,6 +64,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Set up: the same on every attempt; a failure here that a retry cannot fix fails
     # the run at once (UserError) instead of being retried run.max_failures times.
     engine, pad_id = _set_up(cfg, plan)
+    set_up_s = time.perf_counter() - worker_started
     flatten = cfg.model.attn_implementation == "flash_attention_2"
     train_collate, eval_collate = method.collates(pad_id, flatten)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.scaling.use_gpu
@@ -84,11 +85,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Restore, and evaluate where a new run starts. A resumed attempt does not evaluate
     # again: its time is the recovery's, which the run loses (8B shape: a pass in eval mode
     # and its compilation before the first step back).
+    restore_started = time.perf_counter()
     state, resumed, warnings = _restore(engine)
     # This attempt's checkpoint folders never reuse a folder an earlier attempt wrote.
     attempt = ray.train.collective.broadcast_from_rank_zero(ckpt.new_attempt_id())
     reporter = Reporter(cfg, plan, engine, state, loop_config.get("progress"), attempt,
-                        worker_started)
+                        worker_started, phases={
+                            "set_up_s": set_up_s,
+                            "restore_s": time.perf_counter() - restore_started})
     initial = {} if resumed else run_eval()
     if not resumed:
         state.eval_initial = {k: v for k, v in initial.items() if v is not None}

@@ -71,7 +71,12 @@ class ProgressHub:
                 # The first step after a restart: the time from the failure to training again.
                 if out and failed_at is not None and out[-1].get("next_step_s") is None:
                     out[-1]["next_step_s"] = round(event["time"] - failed_at, 1)
-                    out[-1]["first_step_s"] = round(event["first_step_s"], 1)
+                    # Where the restarted worker's time went: its start to the end of its
+                    # first step, of which set-up (model loaded, speed-ups, adapter and
+                    # strategy applied) and the checkpoint's restore.
+                    for key in ("first_step_s", "set_up_s", "restore_s"):
+                        if event.get(key) is not None:
+                            out[-1][key] = round(event[key], 1)
                 failed_at = None
                 continue
             if event.get("resumed") or pending:

@@ -33,7 +33,7 @@ class Reporter:
     next step's start."""
 
     def __init__(self, cfg: Config, plan: StepPlan, engine, state: ckpt.LoopState, hub,
-                 attempt: str, worker_started: float):
+                 attempt: str, worker_started: float, phases: dict[str, float] | None = None):
         self.cfg, self.plan, self.engine, self.state, self.attempt = cfg, plan, engine, state, attempt
         self.rank = ray.train.get_context().get_world_rank()
         self.hub = hub if self.rank == 0 else None
@@ -42,6 +42,7 @@ class Reporter:
         self.cuda = engine.device.type == "cuda"
         self.train_peak = self.eval_peak = 0
         self.worker_started = worker_started
+        self.phases = phases or {}  # seconds of this attempt's set-up phases, for its record
         self.clock: float | None = None  # when the last step's numbers were read
         self.attempt_steps = 0
         self._reset_window()
@@ -84,9 +85,11 @@ class Reporter:
 
     def first_step(self) -> None:
         """Tells the driver's hub that this attempt's first step has ended, so that a
-        restart's record says how long the run stood still (ProgressHub.restarts)."""
+        restart's record says how long the run stood still and where that time went
+        (ProgressHub.restarts)."""
         if self.hub is not None:
-            self.hub.update.remote({"event": "first_step", "first_step_s": self.first_step_s})
+            self.hub.update.remote({"event": "first_step", "first_step_s": self.first_step_s,
+                                    **self.phases})
 
     def log_due(self, step: int, final: bool) -> bool:
         return final or step % self.cfg.train.log_every == 0
