@@ -493,7 +493,9 @@ def test_losing_a_worker_node_costs_at_most_one_checkpoint_interval(
     grown = train["restart_history"][-1]
     assert grown["world_size"] == 2 and grown["cause"].startswith("elastic resize"), \
         train["restart_history"]
-    assert grown["resumed_from_step"] > first["resumed_from_step"]
+    # From the newest checkpoint Ray Train holds, never an older one: the surviving worker's
+    # next checkpoint, or the first resume's own where the replacement node came first.
+    assert grown["resumed_from_step"] >= first["resumed_from_step"]
     assert grown["steps_lost"] <= CHECKPOINT_EVERY
     assert summary["eval"]["loss_final"] == pytest.approx(
         straight["summary"]["eval"]["loss_final"], rel=0.02)
