@@ -9,18 +9,20 @@ and the time a restart costs.
    learnable synthetic corpus (arithmetic progressions written out as text: every number
    follows from the two before it), once in bf16 and once with model.precision fp8
    (--precisions; default,fp8,default adds a second bf16 run: the run-to-run spread), with
-   the product's cosine schedule (--schedule). The loss curves, the final eval loss (16 held-out records) and the wall-clock tokens/s of
-   each run (`gpu_throughput.ray_app_run`: between the reports of step 10 and the last
-   before the final step, as the driver received them) are kept. In the same process:
+   the product's cosine schedule (--schedule). The loss curves, the final eval loss (16
+   held-out records) and the wall-clock tokens/s of each run (`gpu_throughput.ray_app_run`:
+   between the reports of step 10 and the last before the final step, as the driver
+   received them) are kept. In the same process:
    the common recipe (`gpu_throughput.common_recipe`, HF + PEFT, gradient checkpointing, at
    --common-batch) and, with --plain, the plain loop of ray_app's model stack without Ray
    (`gpu_throughput.plain_loop_run`, random ids, timed between CUDA synchronisations) in
    bf16 and FP8. Each ray_app run also keeps the loop's own step-time figure
    (`tokens_per_s_loop`), which its wall-clock figure is compared with.
 3. `restart`: an FP8 run (`--restart-model`: the 1B shape at batch 16 or the 8B shape at
-   batch 4, which fits 80 GB) with a worker failure injected after step 15 (checkpoint every 10 steps); the
-   run summary's restart record gives the time from the failure to the end of the first
-   step after it (`next_step_s`), with the compile caches kept by the run.
+   batch 4, which fits 80 GB) with a worker failure injected after step 15 (checkpoint
+   every 10 steps); the run summary's restart record gives the time from the failure to
+   the end of the first step after it (`next_step_s`), with the compile caches kept by
+   the run.
 
 Everything lands in <out>/gpu_fp8.json as it finishes; `--plot` draws
 <out>/gpu_fp8_loss.png from that file (needs matplotlib).
@@ -182,9 +184,8 @@ def plot(out: Path) -> None:
 
     results = json.loads((out / "gpu_fp8.json").read_text())
     fig, ax = plt.subplots(figsize=(7, 4))
-    runs = [(key, key.removeprefix("ray_app_").replace("default", "bf16").replace("fp8", "fp8 base"))
-            for key in results if key.startswith("ray_app_")]
-    for key, label in runs:
+    for key in (k for k in results if k.startswith("ray_app_")):
+        label = key.removeprefix("ray_app_").replace("default", "bf16").replace("fp8", "fp8 base")
         curve = [p for p in results[key]["curve"] if p.get("loss") is not None]
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve],
                 label=f"{label} (final eval loss {results[key]['eval_loss_final']:.4f})")
