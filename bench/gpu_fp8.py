@@ -25,10 +25,11 @@ and the time a restart costs.
    the run.
 
 Everything lands in <out>/gpu_fp8.json as it finishes; `--plot` draws
-<out>/gpu_fp8_loss.png from that file (needs matplotlib).
+<out>/gpu_fp8_loss.png from that file (`--plot STEM`: <out>/STEM.json; needs matplotlib).
 
     python bench/gpu_fp8.py --out OUT --work /tmp/fp8 micro quality restart
     python bench/gpu_fp8.py --out bench/results --plot
+    python bench/gpu_fp8.py --out bench/results --plot gpu_fp8_240
 """
 
 from __future__ import annotations
@@ -176,13 +177,14 @@ def restart(args, work: Path, save) -> None:
                               "tokens_per_s")}})
 
 
-def plot(out: Path) -> None:
+def plot(out: Path, stem: str) -> None:
+    """The train-loss curves of `<out>/<stem>.json` -> `<out>/<stem>_loss.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = json.loads((out / "gpu_fp8.json").read_text())
+    results = json.loads((out / f"{stem}.json").read_text())
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in (k for k in results if k.startswith("ray_app_")):
         label = key.removeprefix("ray_app_").replace("default", "bf16").replace("fp8", "fp8 base")
@@ -195,7 +197,7 @@ def plot(out: Path) -> None:
     ax.set_title("Llama-3.2-1B shape, LoRA r16 q,k,v,o, arithmetic progressions")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "gpu_fp8_loss.png", dpi=110)
+    fig.savefig(out / f"{stem}_loss.png", dpi=110)
 
 
 def main() -> int:
@@ -218,14 +220,16 @@ def main() -> int:
                         help="quality: also time the plain loop (no Ray) in bf16 and FP8")
     parser.add_argument("--restart-model", choices=["1b", "8b"], default="1b",
                         help="the shape of the restart part (8b: batch 4, fits 80 GB)")
-    parser.add_argument("--plot", action="store_true", help="only draw the loss curves")
+    parser.add_argument("--plot", nargs="?", const="gpu_fp8", metavar="STEM",
+                        help="only draw the loss curves of OUT/STEM.json (default gpu_fp8) "
+                        "into OUT/STEM_loss.png")
     args = parser.parse_args()
     if set(args.parts) - {"micro", "quality", "restart"}:
         parser.error(f"parts: micro, quality and/or restart, got {args.parts}")
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:
-        plot(out)
+        plot(out, args.plot)
         return 0
     import torch
 

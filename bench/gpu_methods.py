@@ -123,7 +123,7 @@ def run_method(method: str, base, args, model_dir: str, data: list[dict], device
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    peft_model = add_lora(base, cfg.lora)
+    peft_model = add_lora(base, cfg.lora, autocast=device.type == "cuda")
     engine = Engine(peft_model, cfg, plan, Layout(device, 0, 1))
     engine.model.train()
     collate, _ = training.collates(base.config.pad_token_id, False)

@@ -423,7 +423,7 @@ def plain_loop_step(model_dir: str, work: Path, *, batch: int, seq: int, compile
     base = apply_speedups(base, cfg.model, cfg.train.activation_checkpointing, True)
     plan = StepPlan(micro_batches_per_epoch=1, steps_per_epoch=1, total_steps=1 << 30,
                     warmup_steps=0, has_eval=False)  # the bench config's constant schedule
-    model = add_lora(base, cfg.lora)
+    model = add_lora(base, cfg.lora, autocast=True)  # the loop's GPU set-up
     if precision == "fp8":
         from ray_app.model.fp8 import to_fp8_base
 

@@ -15,8 +15,8 @@ arithmetic on their config fields, so treat their figure as rough.
   only what a gradient needs), so what stays is the two RMSNorm inputs (fp32 without
   Liger), the rotated q and k, v and the attention output (SDPA/FlashAttention keep no
   score matrix; eager keeps heads*seq per token), the MLP's gate and up outputs (plus the
-  SiLU output without Liger), and per adapted linear a bf16 copy of its input (the fp32
-  adapter under autocast) plus LoRA dropout's mask. A checkpointed layer keeps only its
+  SiLU output without Liger), and per adapted linear a bf16 copy of its input (dropout's
+  output) plus LoRA dropout's mask. A checkpointed layer keeps only its
   input; the backward pass recomputes one layer at a time.
 - logits: without Liger's fused linear cross-entropy, tokens*vocab*(2 bf16 + 4 fp32 copy +
   4 log-softmax + 2 gradient) B (evaluation, without gradient: 10 B); with it, one chunk
@@ -189,8 +189,10 @@ def _layer_activations(shape: Shape, plan: Plan) -> float:
     if plan.method == "full":
         inputs = 2 * (h + h + i)  # inputs of q/k/v, gate/up, down (o: the attention output)
     else:
-        # PEFT keeps adapters in fp32, so under bf16 autocast each adapted linear saves its
-        # own bf16 copy of its input, plus LoRA dropout's mask.
+        # Each adapted linear saves its own bf16 copy of its input for lora_A's gradient
+        # (dropout's output; with DoRA, autocast's copy of PEFT's fp32 cast), plus LoRA
+        # dropout's mask. Without dropout, plain LoRA adapters of one input share it
+        # (`add_lora` under autocast); counted here as copies: an over-estimate.
         # lora_A's output (bf16, r wide) is kept for lora_B.
         per_element = 3 if plan.lora_dropout > 0 else 2
         # DoRA (PEFT) also keeps the base output and the scaled LoRA output of each adapted

@@ -173,3 +173,48 @@ def test_combinations_peft_cannot_do_are_refused_before_ray_starts(tmp_path, set
 
     with pytest.raises((UserError, ValueError), match=message):
         validate_config(tiny_config(tmp_path / "d.jsonl", tmp_path, **settings))
+
+
+def _step_under_autocast(base: Path, lora: LoraSection, autocast: bool, ids: torch.Tensor):
+    """(loss, adapter gradients, bytes autograd saved) of one forward and backward of the
+    bf16 base with the adapter under CPU bf16 autocast, as the loop runs on GPU."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), lora,
+                     autocast=autocast).train()
+    saved: dict[int, torch.UntypedStorage] = {}  # held, so no address is reused
+
+    def pack(t: torch.Tensor):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, sum(storage.nbytes() for storage in saved.values())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("variant", ["plain", "rslora", "dora"])
+def test_under_autocast_the_adapter_input_stays_bf16_and_the_step_is_the_same(base, variant):
+    """Training on GPU runs under bf16 autocast, where PEFT's cast of each adapted input to
+    the adapter's fp32 only adds a copy: without it the loss and every adapter gradient
+    are the same and autograd keeps fewer bytes. DoRA keeps the cast (PEFT computes its
+    weight norm in the input's dtype), so its step is PEFT's own."""
+    extra = {"dora": {"use_dora": True}, "rslora": {"use_rslora": True}}.get(variant, {})
+    lora = LoraSection(r=8, alpha=16, dropout=0.0, target_modules="all-linear", **extra)
+    ids = torch.randint(3, 200, (2, 48), generator=torch.Generator().manual_seed(1))
+    loss_cast, grads_cast, saved_cast = _step_under_autocast(base, lora, False, ids)
+    loss, grads, saved = _step_under_autocast(base, lora, True, ids)
+    assert loss == loss_cast
+    assert grads.keys() == grads_cast.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name  # the adapter itself stays fp32
+        torch.testing.assert_close(grad, grads_cast[name], rtol=0, atol=0, msg=name)
+    if variant == "dora":
+        assert saved == saved_cast
+    else:
+        assert saved < saved_cast

@@ -107,15 +107,28 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError("cannot find the decoder layers (a ModuleList named 'layers')")
 
 
-def add_lora(model, lora_cfg: LoraSection):
+def add_lora(model, lora_cfg: LoraSection, autocast: bool = False):
     """The base wrapped by PEFT with the adapter of the `lora` section. A PiSSA/OLoRA
     adapter keeps its initial value (`initial_adapter`), which checkpoints save, so that
-    the export can apply it to the original base (`ray_app.model.adapters`)."""
+    the export can apply it to the original base (`ray_app.model.adapters`).
+
+    `autocast`: the model will run under bf16 autocast (training on GPU). PEFT keeps the
+    adapter in fp32 and casts each adapted linear's bf16 input to fp32 before dropout and
+    lora_A; under autocast that matmul runs in bf16 anyway, so the cast only writes an
+    fp32 copy of the input per adapted linear (and, in the 8B step profile, its fused
+    cast + dropout kernel was the largest non-matmul kernel). The cast is turned off then
+    for plain LoRA: autocast rounds the same values to bf16 either way. DoRA keeps it:
+    PEFT computes DoRA's weight norm in its input's dtype, which must stay fp32."""
     from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from ray_app.model.adapters import initial_state, lora_config
 
     peft_model = get_peft_model(model, lora_config(lora_cfg))
+    if autocast and not lora_cfg.use_dora:
+        for module in peft_model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
     if lora_cfg.mutates_base:
         peft_model.initial_adapter = initial_state(peft_model)
     return peft_model

@@ -208,7 +208,7 @@ def _set_up(cfg: Config, plan: StepPlan) -> tuple[Engine, int]:
         device = ray.train.torch.get_device()
         base = load_base(cfg.model, cfg.scaling.use_gpu, device)
         base = apply_speedups(base, cfg.model, t.activation_checkpointing, cfg.scaling.use_gpu)
-        model = add_lora(base, cfg.lora)
+        model = add_lora(base, cfg.lora, autocast=cfg.scaling.use_gpu)
         if cfg.model.precision == "fp8":
             check_fp8_device(device)
             to_fp8_base(model, device)
