@@ -24,6 +24,10 @@ and the time a restart costs.
    the end of the first step after it (`next_step_s`), with the compile caches kept by
    the run.
 
+`quality --seeds 42,7` runs every precision once per train.seed; `quality_summary` in the
+results gives each precision's mean final eval loss against bf16's and the bf16 runs' own
+spread (`--summarise STEM ...`: the same over the runs of several results files).
+
 Everything lands in <out>/gpu_fp8.json as it finishes; `--plot` draws
 <out>/gpu_fp8_loss.png from that file (`--plot STEM`: <out>/STEM.json; needs matplotlib).
 
@@ -47,6 +51,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_throughput as gt  # the bench's shared helpers (after the path insert)
+
+from ray_app.config import TrainSection
+
+DEFAULT_SEED = TrainSection.model_fields["seed"].default
 
 SHAPES_8B = [("q_proj", 4096, 4096), ("k/v_proj", 4096, 1024), ("o_proj", 4096, 4096),
              ("gate/up_proj", 4096, 14336), ("down_proj", 14336, 4096)]
@@ -139,16 +147,45 @@ def quality(args, work: Path, save) -> None:
         gc.collect()
         torch.cuda.empty_cache()
     seen: dict[str, int] = {}
-    for precision in args.precisions.split(","):
-        # A precision named twice is a repeat (run-to-run spread): its own run name and key.
-        seen[precision] = seen.get(precision, 0) + 1
-        label = precision if seen[precision] == 1 else f"{precision}_{seen[precision]}"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for seed, precision in ((s, p) for s in seeds for p in args.precisions.split(",")):
+        # A precision named twice is a repeat (run-to-run spread): its own run name and key;
+        # a seed other than the product's default (42) is part of both.
+        label = precision if seed == DEFAULT_SEED else f"{precision}_s{seed}"
+        seen[label] = seen.get(label, 0) + 1
+        label = label if seen[label] == 1 else f"{label}_{seen[label]}"
         m = gt.ray_app_run(f"quality-{label}", model_dir, train, evals, work, batch=16,
                            seq=2048, steps=args.steps, warmup_steps=10, log_every=5,
                            compile_=True, liger="on", quantization="none",
                            checkpointing="none", precision=precision, lr=args.lr,
-                           schedule=args.schedule)
-        save(f"ray_app_{label}", {"batch": 16, "schedule": args.schedule, **m})
+                           schedule=args.schedule, seed=seed)
+        save(f"ray_app_{label}", {"batch": 16, "schedule": args.schedule, "seed": seed,
+                                  "precision": precision, **m})
+    save("quality_summary", quality_summary(load_results(args.out)))
+
+
+def load_results(out: str) -> dict[str, Any]:
+    return json.loads((Path(out) / "gpu_fp8.json").read_text())
+
+
+def quality_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Final eval loss of every quality run by precision (a run saved without its precision
+    is named by its key), the mean of each, and each precision's mean against bf16's
+    ("default") mean, next to the spread of the bf16 runs themselves."""
+    finals: dict[str, list[float]] = {}
+    for key, run in results.items():
+        name = key.rpartition("/")[2]  # "STEM/ray_app_..." when several files are merged
+        if name.startswith("ray_app_") and run.get("eval_loss_final") is not None:
+            precision = run.get("precision") or name.removeprefix("ray_app_").split("_")[0]
+            finals.setdefault(precision, []).append(run["eval_loss_final"])
+    mean = {p: sum(v) / len(v) for p, v in finals.items()}
+    summary: dict[str, Any] = {"eval_loss_final": finals, "mean": mean}
+    if "default" in mean:
+        bf16 = finals["default"]
+        summary["bf16_spread"] = (max(bf16) - min(bf16)) / min(bf16)
+        summary["mean_vs_bf16"] = {p: m / mean["default"] - 1 for p, m in mean.items()
+                                   if p != "default"}
+    return summary
 
 
 def restart(args, work: Path, save) -> None:
@@ -216,10 +253,16 @@ def main() -> int:
                         help="quality: the ray_app runs (model.precision values; one named "
                         "twice runs again, e.g. default,fp8,default for the bf16 run-to-run "
                         "spread)")
+    parser.add_argument("--seeds", default=str(DEFAULT_SEED),
+                        help="quality: train.seed of the runs, comma-separated; every precision "
+                        "runs once per seed (adapter init, dropout and data order differ)")
     parser.add_argument("--plain", action="store_true",
                         help="quality: also time the plain loop (no Ray) in bf16 and FP8")
     parser.add_argument("--restart-model", choices=["1b", "8b"], default="1b",
                         help="the shape of the restart part (8b: batch 4, fits 80 GB)")
+    parser.add_argument("--summarise", nargs="+", metavar="STEM",
+                        help="only print the quality summary of the runs in OUT/STEM.json "
+                        "files taken together (runs of several calls)")
     parser.add_argument("--plot", nargs="?", const="gpu_fp8", metavar="STEM",
                         help="only draw the loss curves of OUT/STEM.json (default gpu_fp8) "
                         "into OUT/STEM_loss.png")
@@ -230,6 +273,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:
         plot(out, args.plot)
+        return 0
+    if args.summarise:
+        runs = {f"{stem}/{key}": run for stem in args.summarise
+                for key, run in json.loads((out / f"{stem}.json").read_text()).items()
+                if key.startswith("ray_app_")}
+        print(json.dumps(quality_summary(runs), indent=2))
         return 0
     import torch
 

@@ -18,8 +18,8 @@
 #             recipe): FP8's distance from bf16 against bf16's own run-to-run spread
 #             -> OUT/gpu_fp8.json
 # quality240: bench/gpu_fp8.py quality over 240 steps (the runs leave the loss plateau and end
-#             at the schedule's end): bf16, FP8, bf16 again, no common recipe
-#             -> OUT/gpu_fp8.json
+#             at the schedule's end): bf16 and FP8 for train.seed $SEEDS (default 7; one
+#             seed per call fits the 10-minute limit), no common recipe -> OUT/gpu_fp8.json
 # profile1b:  bench/probes/profile_step.py on the 1B shape, bf16 and FP8 -> OUT/profile_1b_step.json
 # Run from the repository root with the carried stack active (source .device/activate.sh);
 # wheels in .whl/ (packages the carried stack lacks) are installed first. The project needs
@@ -70,8 +70,9 @@ for what in "$@"; do
       timeout 560 python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 --steps 120 quality \
         --precisions default,fp8,default --common-batch 0 > "$out/spread.log" 2>&1 ;;
     quality240)
-      timeout 580 python bench/gpu_fp8.py --out "$out" --work /tmp/fp8_240 --steps 240 quality \
-        --precisions default,fp8,default --common-batch 0 > "$out/quality240.log" 2>&1 ;;
+      timeout 580 python bench/gpu_fp8.py --out "$out" --work "/tmp/fp8_240_${SEEDS:-7}" \
+        --steps 240 quality --precisions default,fp8 --seeds "${SEEDS:-7}" --common-batch 0 \
+        > "$out/quality240.log" 2>&1 ;;
     profile1b)
       timeout 330 python bench/probes/profile_step.py --model 1b --batch 16 --common-batch 0 \
         --precisions default,fp8 --out "$out/profile_1b_step.json" > "$out/profile1b.log" 2>&1 ;;

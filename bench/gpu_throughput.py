@@ -364,10 +364,10 @@ def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | N
                  num_workers: int = 1, strategy: str = "ddp", worker_cpus: float | None = None,
                  checkpoint_every: int = 10_000, max_failures: int = 0,
                  precision: str = "default", lr: float | None = None,
-                 schedule: str = "constant"):
+                 schedule: str = "constant", seed: int | None = None):
     """The ray_app config of a measurement (also the plain loop's model settings); speed
     runs keep the learning rate constant, quality runs pass the product's default schedule
-    (cosine)."""
+    (cosine). `seed`: train.seed (the product's default when None)."""
     from ray_app.config import validate_config
 
     raw = {
@@ -384,7 +384,7 @@ def bench_config(name: str, model_dir: str, data_file: Path, eval_file: Path | N
                   "activation_checkpointing": checkpointing, "optimizer": optimizer,
                   "warmup_ratio": 0.0 if schedule == "constant" else 0.03,
                   "schedule": schedule,
-                  **({"lr": lr} if lr else {})},
+                  **({"lr": lr} if lr else {}), **({"seed": seed} if seed is not None else {})},
         "scaling": {"num_workers": num_workers, "use_gpu": use_gpu, "strategy": strategy,
                     "resources_per_worker": ({"CPU": worker_cpus or 4, "GPU": 1} if use_gpu
                                              else {"CPU": worker_cpus or 1})},
@@ -491,7 +491,8 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                 use_gpu: bool = True, num_workers: int = 1, strategy: str = "ddp",
                 worker_cpus: float | None = None, checkpoint_every: int = 10_000,
                 max_failures: int = 0, precision: str = "default",
-                lr: float | None = None, schedule: str = "constant") -> dict[str, Any]:
+                lr: float | None = None, schedule: str = "constant",
+                seed: int | None = None) -> dict[str, Any]:
     """One `run_training` of the bench's config; its reports, collected through
     `on_metrics`, give the wall-clock tokens/s between the reports of steps `warmup_steps`
     and the last before the final step, and the worker's memory peaks."""
@@ -513,7 +514,7 @@ def ray_app_run(name: str, model_dir: str, data_file: Path, eval_file: Path | No
                        optimizer=optimizer, attn=attn, use_gpu=use_gpu, num_workers=num_workers,
                        strategy=strategy, worker_cpus=worker_cpus,
                        checkpoint_every=checkpoint_every, max_failures=max_failures,
-                       precision=precision, lr=lr, schedule=schedule)
+                       precision=precision, lr=lr, schedule=schedule, seed=seed)
     reports: list[dict[str, Any]] = []
     started = time.perf_counter()
     summary = run_training(cfg, Console(file=sys.stderr, width=120), on_metrics=reports.append)
