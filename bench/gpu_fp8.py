@@ -147,6 +147,7 @@ def quality(args, work: Path, save) -> None:
         gc.collect()
         torch.cuda.empty_cache()
     seen: dict[str, int] = {}
+    runs: dict[str, Any] = {}
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed, precision in ((s, p) for s in seeds for p in args.precisions.split(",")):
         # A precision named twice is a repeat (run-to-run spread): its own run name and key;
@@ -159,13 +160,10 @@ def quality(args, work: Path, save) -> None:
                            compile_=True, liger="on", quantization="none",
                            checkpointing="none", precision=precision, lr=args.lr,
                            schedule=args.schedule, seed=seed)
-        save(f"ray_app_{label}", {"batch": 16, "schedule": args.schedule, "seed": seed,
-                                  "precision": precision, **m})
-    save("quality_summary", quality_summary(load_results(args.out)))
-
-
-def load_results(out: str) -> dict[str, Any]:
-    return json.loads((Path(out) / "gpu_fp8.json").read_text())
+        runs[f"ray_app_{label}"] = {"batch": 16, "schedule": args.schedule, "seed": seed,
+                                    "precision": precision, **m}
+        save(f"ray_app_{label}", runs[f"ray_app_{label}"])
+    save("quality_summary", quality_summary(runs))
 
 
 def quality_summary(results: dict[str, Any]) -> dict[str, Any]:

@@ -87,12 +87,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # and its compilation before the first step back).
     restore_started = time.perf_counter()
     state, resumed, warnings = _restore(engine)
+    restore_s = time.perf_counter() - restore_started
     # This attempt's checkpoint folders never reuse a folder an earlier attempt wrote.
     attempt = ray.train.collective.broadcast_from_rank_zero(ckpt.new_attempt_id())
     reporter = Reporter(cfg, plan, engine, state, loop_config.get("progress"), attempt,
-                        worker_started, phases={
-                            "set_up_s": set_up_s,
-                            "restore_s": time.perf_counter() - restore_started})
+                        worker_started, phases={"set_up_s": set_up_s, "restore_s": restore_s})
     initial = {} if resumed else run_eval()
     if not resumed:
         state.eval_initial = {k: v for k, v in initial.items() if v is not None}
