@@ -3,13 +3,17 @@ and the time a restart costs.
 
 1. `micro`: a frozen linear's forward + input-gradient pass (the work of a LoRA base layer)
    at the Llama-3.1-8B layer shapes, 16,384 tokens, both compiled: bf16 `nn.Linear` against
-   `ray_app.model.fp8.FrozenFP8Linear`; median of 20 after warm-up, CUDA events.
-2. `quality`: the Llama-3.2-1B shape (random init), LoRA r16 on q,k,v,o, Liger + compile,
-   batch 16 x 2048, trained by `ray_app.train.run.run_training` for --steps steps on a
-   learnable synthetic corpus (arithmetic progressions written out as text: every number
-   follows from the two before it), once in bf16 and once with model.precision fp8
-   (--precisions; default,fp8,default adds a second bf16 run: the run-to-run spread), with
-   the product's cosine schedule (--schedule). The loss curves, the final eval loss (16
+   `ray_app.model.fp8.FrozenFP8Linear`; median of 20 after warm-up, CUDA events. Then the
+   activation quantisation kernel alone (`quantise_kernel`): GB/s, rows read whole against
+   rows read in blocks.
+2. `quality`: the Llama-3.2-1B shape, LoRA r16 on q,k,v,o, Liger + compile, batch 16 x
+   2048, trained by `ray_app.train.run.run_training` for --steps steps on a learnable
+   synthetic corpus (`quality_tasks`; --task): `words` (the default), a word chain
+   fine-tuned on a base first pre-trained in full for --pretrain-steps steps on another
+   chain and progressions; or `progressions`, arithmetic progressions on the random-init
+   base. Once in bf16 and once with model.precision fp8 (--precisions; default,fp8,default
+   adds a second bf16 run: the run-to-run spread), with the product's cosine schedule
+   (--schedule). The loss curves, the final eval loss (16
    held-out records) and the wall-clock tokens/s of each run (`gpu_throughput.ray_app_run`:
    between the reports of step 10 and the last before the final step, as the driver
    received them) are kept. In the same process:
@@ -34,6 +38,8 @@ Everything lands in <out>/gpu_fp8.json as it finishes; `--plot` draws
     python bench/gpu_fp8.py --out OUT --work /tmp/fp8 micro quality restart
     python bench/gpu_fp8.py --out bench/results --plot
     python bench/gpu_fp8.py --out bench/results --plot gpu_fp8_240
+    python bench/gpu_fp8.py --out OUT --work .bench_work/words --steps 200 quality \
+        --precisions default,fp8 --seeds 42,7 --common-batch 0
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import sys
 import time
@@ -51,6 +56,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_throughput as gt  # the bench's shared helpers (after the path insert)
+import quality_tasks as qt
 
 from ray_app.config import TrainSection
 
@@ -101,20 +107,41 @@ def micro(tokens: int = 16384, reps: int = 20) -> list[dict[str, Any]]:
     return rows
 
 
-def write_progressions(path: Path, records: int, seed: int) -> None:
-    """Arithmetic progressions as text ('count from 17 by 3: 17 20 23 ...'): after the first
-    two numbers every token is predictable, so the loss can fall far below its start."""
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for _ in range(records):
-            start, step = rng.randint(0, 999), rng.randint(1, 19)
-            numbers = " ".join(str(start + i * step) for i in range(rng.randint(150, 400)))
-            f.write(json.dumps({"text": f"count from {start} by {step}: {numbers}"}) + "\n")
+QUANTISE_SHAPES = [(32768, 2048), (32768, 8192), (16384, 4096), (16384, 14336)]
+
+
+def quantise_kernel(reps: int = 50) -> list[dict[str, Any]]:
+    """The activation quantisation kernel alone, at the 1B (2,048 / 8,192 features, 32,768
+    tokens) and 8B (4,096 / 14,336, 16,384 tokens) shapes: the default (each row read once,
+    whole) against 2,048-column blocks (two reads of each row, the kernel of 2026-12-05's
+    profile); GB/s counts one bf16 read and one e4m3 write of every value."""
+    import torch
+
+    from ray_app.model.fp8_kernels import quantize_rows_fused
+
+    rows = []
+    for tokens, features in QUANTISE_SHAPES:
+        x = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16)
+        row: dict[str, Any] = {"tokens": tokens, "features": features}
+        for label, block in (("whole_row", None), ("blocks_2048", 2048)):
+            for _ in range(3):
+                quantize_rows_fused(x, torch.float8_e4m3fn, block=block)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                quantize_rows_fused(x, torch.float8_e4m3fn, block=block)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3 / reps
+            row[f"{label}_us"] = seconds * 1e6
+            row[f"{label}_gb_s"] = x.numel() * 3 / seconds / 1e9
+        rows.append(row)
+        print("QUANTISE", json.dumps(row), flush=True)
+    return rows
 
 
 def progression_records(steps: int, batch: int, seq: int = 2048) -> int:
-    """Records of `write_progressions` for `steps` steps of `batch` x `seq` tokens in one
+    """Records of `quality_tasks` corpora for `steps` steps of `batch` x `seq` tokens in one
     epoch, with a margin (about 670 tokens a record with the bundled tokenizer)."""
     return int(steps * batch * seq / 600) + 400
 
@@ -124,15 +151,27 @@ def quality(args, work: Path, save) -> None:
 
     import torch
 
-    model_dir = str(work / "model_1b")
-    if not (Path(model_dir) / "config.json").exists():
-        gt.build_model("1b").save_pretrained(model_dir)
-    train, evals = work / "progressions.jsonl", work / "progressions_eval.jsonl"
-    # Enough for --steps at batch 16 x 2048 in one epoch: a record is about 670 tokens with
-    # the bundled tokenizer (5,115 records packed into 1,754 sequences at 95.5%), so that
-    # no epoch boundary (where the data pipeline starts its next pass) falls in the window.
-    write_progressions(train, records=progression_records(args.steps, 16), seed=0)
-    write_progressions(evals, records=16, seed=1)
+    # Enough records for --steps at batch 16 x 2048 in one epoch (a record is 600-670 tokens
+    # with the bundled tokenizer; progressions packed 5,115 records into 1,754 sequences at
+    # 95.5%), so that no epoch boundary (where the data pipeline starts its next pass) falls
+    # in the timed window.
+    records = progression_records(args.steps, 16)
+    train, evals = work / f"{args.task}.jsonl", work / f"{args.task}_eval.jsonl"
+    if args.task == "words":
+        model_dir, pretrain = qt.pretrain_base(work, args.pretrain_steps)
+        save("pretrain", pretrain)
+        qt.write_word_chain(train, records=records, seed=0)
+        qt.write_word_chain(evals, records=16, seed=1)
+        save("task", {"name": "words", "words": len(qt.chain_words()),
+                      "successors": qt.CHAIN_SUCCESSORS, "entropy_floor": qt.chain_entropy(),
+                      "base": f"pre-trained {args.pretrain_steps} steps (pretrain)"})
+    else:
+        model_dir = str(work / "model_1b")
+        if not (Path(model_dir) / "config.json").exists():
+            gt.build_model("1b").save_pretrained(model_dir)
+        qt.write_progressions(train, records=records, seed=0)
+        qt.write_progressions(evals, records=16, seed=1)
+        save("task", {"name": "progressions", "base": "random init"})
     if args.common_batch:
         common = gt.common_recipe(gt.build_model("1b"), args.common_batch, 2048, warmup=3,
                                   steps=15)
@@ -161,7 +200,7 @@ def quality(args, work: Path, save) -> None:
                            checkpointing="none", precision=precision, lr=args.lr,
                            schedule=args.schedule, seed=seed)
         runs[f"ray_app_{label}"] = {"batch": 16, "schedule": args.schedule, "seed": seed,
-                                    "precision": precision, **m}
+                                    "precision": precision, "task": args.task, **m}
         save(f"ray_app_{label}", runs[f"ray_app_{label}"])
     save("quality_summary", quality_summary(runs))
 
@@ -195,8 +234,8 @@ def restart(args, work: Path, save) -> None:
         gt.build_model(key).save_pretrained(model_dir)
     train, evals = work / "progressions.jsonl", work / "progressions_eval.jsonl"
     if not train.exists():
-        write_progressions(train, records=progression_records(30, 16), seed=0)
-        write_progressions(evals, records=16, seed=1)
+        qt.write_progressions(train, records=progression_records(30, 16), seed=0)
+        qt.write_progressions(evals, records=16, seed=1)
     batch = 16 if key == "1b" else 4  # 8B at batch 4: fits an 80 GB GPU
     os.environ[FAIL_AT_STEP_ENV] = "15"
     try:
@@ -222,14 +261,21 @@ def plot(out: Path, stem: str) -> None:
     results = json.loads((out / f"{stem}.json").read_text())
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in (k for k in results if k.startswith("ray_app_")):
-        label = key.removeprefix("ray_app_").replace("default", "bf16").replace("fp8", "fp8 base")
+        label = (key.removeprefix("ray_app_").replace("default", "bf16")
+                 .replace("fp8", "fp8 base").replace("_backward_bf16", ", bf16 input gradient"))
         curve = [p for p in results[key]["curve"] if p.get("loss") is not None]
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve],
                 label=f"{label} (final eval loss {results[key]['eval_loss_final']:.4f})")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.set_yscale("log")
-    ax.set_title("Llama-3.2-1B shape, LoRA r16 q,k,v,o, arithmetic progressions")
+    task = results.get("task", {}).get("name", "progressions")
+    ax.set_title("Llama-3.2-1B shape, LoRA r16 q,k,v,o, " + {
+        "progressions": "arithmetic progressions, random-init base",
+        "words": "word chain, pre-trained base"}[task])
+    floor = results.get("task", {}).get("entropy_floor")
+    if floor:
+        ax.axhline(floor, color="grey", linestyle=":", label=f"chain entropy {floor:.3f}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / f"{stem}_loss.png", dpi=110)
@@ -242,6 +288,11 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/gpu_fp8")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--task", default="words", choices=["words", "progressions"],
+                        help="quality: the corpus (words: a word chain fine-tuned on a "
+                        "pre-trained base; progressions: on the random-init base)")
+    parser.add_argument("--pretrain-steps", type=int, default=150,
+                        help="quality, words: full-parameter steps of the base's pre-training")
     parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"],
                         help="quality: the learning-rate schedule (cosine, the product's "
                         "default, ends both runs at a plateau rather than mid-descent)")
@@ -267,7 +318,7 @@ def main() -> int:
     args = parser.parse_args()
     if set(args.parts) - {"micro", "quality", "restart"}:
         parser.error(f"parts: micro, quality and/or restart, got {args.parts}")
-    out, work = Path(args.out), Path(args.work)
+    out, work = Path(args.out), Path(args.work).resolve()  # workers run elsewhere
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:
         plot(out, args.plot)
@@ -297,6 +348,7 @@ def main() -> int:
         try:
             if part == "micro":
                 save("micro", micro())
+                save("quantise_kernel", quantise_kernel())
             elif part == "quality":
                 quality(args, work, save)
             elif part == "restart":

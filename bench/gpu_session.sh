@@ -21,6 +21,13 @@
 #             at the schedule's end): bf16 and FP8 for train.seed $SEEDS (default 7; one
 #             seed per call fits the 10-minute limit), no common recipe -> OUT/gpu_fp8.json
 # profile1b:  bench/probes/profile_step.py on the 1B shape, bf16 and FP8 -> OUT/profile_1b_step.json
+# fp8tests:   tests/test_fp8.py alone -> OUT/gpu_tests_fp8.txt
+# micro:      bench/gpu_fp8.py micro (frozen linears, the quantisation kernel) -> OUT/gpu_fp8.json
+# speed1b:    the 1B shape on full rows (as the 8B rows): the common recipe at batch 16, ray-app
+#             bf16 at 16 and the FP8 base at 16 and 32 -> OUT/gpu_throughput.json
+# words:      bench/gpu_fp8.py quality on the word chain (pre-trained base; kept in $WORK, default
+#             .bench_work/words, for the next call on a warm machine), bf16 and FP8 for
+#             train.seed $SEEDS (default 42), $STEPS steps (default 200) -> OUT/gpu_fp8.json
 # Run from the repository root with the carried stack active (source .device/activate.sh);
 # wheels in .whl/ (packages the carried stack lacks) are installed first. The project needs
 # zstandard there (ray_app.data imports it), the tests pytest-timeout:
@@ -76,6 +83,20 @@ for what in "$@"; do
     profile1b)
       timeout 330 python bench/probes/profile_step.py --model 1b --batch 16 --common-batch 0 \
         --precisions default,fp8 --out "$out/profile_1b_step.json" > "$out/profile1b.log" 2>&1 ;;
+    fp8tests)
+      timeout 200 python -m pytest -q -p no:cacheprovider tests/test_fp8.py 2>&1 \
+        | tee "$out/gpu_tests_fp8.txt" ;;
+    micro)
+      timeout 150 python bench/gpu_fp8.py --out "$out" --work /tmp/fp8 micro > "$out/micro.log" 2>&1 ;;
+    speed1b)
+      timeout 420 python bench/gpu_throughput.py --models 1b --data fixed --targets qkvo \
+        --common-batch 16 --out "$out" --work /tmp/gt --ray-steps 80 --keep-model \
+        --ray-variants liger+compile:16,liger+compile+fp8:16,liger+compile+fp8:32 \
+        > "$out/speed1b.log" 2>&1 ;;
+    words)
+      timeout 590 python bench/gpu_fp8.py --out "$out" --work "${WORK:-.bench_work/words}" \
+        --steps "${STEPS:-200}" quality --task words --precisions default,fp8 \
+        --seeds "${SEEDS:-42}" --common-batch 0 > "$out/words.log" 2>&1 ;;
     restart8b)
       python bench/gpu_fp8.py --out "$out" --work /tmp/gt --restart-model 8b restart \
         > "$out/restart8b.log" 2>&1 ;;
