@@ -28,6 +28,11 @@ and the time a restart costs.
    the end of the first step after it (`next_step_s`), with the compile caches kept by
    the run.
 
+With RAY_APP_FP8_ABLATION set (`ray_app.model.fp8_ablations`: exact_accum,
+activation_rounding, weight_rounding) the fp8 runs take one source of FP8 error at a time,
+named `fp8_<ablation>`; one process per ablation (Ray's workers inherit the variable when
+the process starts Ray).
+
 `quality --seeds 42,7` runs every precision once per train.seed; `quality_summary` in the
 results gives each precision's mean final eval loss against bf16's and the bf16 runs' own
 spread (`--summarise STEM ...`: the same over the runs of several results files).
@@ -59,6 +64,7 @@ import gpu_throughput as gt  # the bench's shared helpers (after the path insert
 import quality_tasks as qt
 
 from ray_app.config import TrainSection
+from ray_app.model.fp8_ablations import ABLATION_ENV
 
 DEFAULT_SEED = TrainSection.model_fields["seed"].default
 
@@ -188,10 +194,17 @@ def quality(args, work: Path, save) -> None:
     seen: dict[str, int] = {}
     runs: dict[str, Any] = {}
     seeds = [int(s) for s in args.seeds.split(",")]
+    # An FP8 ablation named in this process's environment (ray_app.model.fp8_ablations; the
+    # Ray workers started here inherit it) changes what the fp8 runs are: named apart.
+    ablation = os.environ.get(ABLATION_ENV)
     for seed, precision in ((s, p) for s in seeds for p in args.precisions.split(",")):
+        if precision == "fp8" and ablation:
+            precision_label = f"fp8_{ablation}"
+        else:
+            precision_label = precision
         # A precision named twice is a repeat (run-to-run spread): its own run name and key;
         # a seed other than the product's default (42) is part of both.
-        label = precision if seed == DEFAULT_SEED else f"{precision}_s{seed}"
+        label = precision_label if seed == DEFAULT_SEED else f"{precision_label}_s{seed}"
         seen[label] = seen.get(label, 0) + 1
         label = label if seen[label] == 1 else f"{label}_{seen[label]}"
         m = gt.ray_app_run(f"quality-{label}", model_dir, train, evals, work, batch=16,
@@ -200,7 +213,7 @@ def quality(args, work: Path, save) -> None:
                            checkpointing="none", precision=precision, lr=args.lr,
                            schedule=args.schedule, seed=seed)
         runs[f"ray_app_{label}"] = {"batch": 16, "schedule": args.schedule, "seed": seed,
-                                    "precision": precision, "task": args.task, **m}
+                                    "precision": precision_label, "task": args.task, **m}
         save(f"ray_app_{label}", runs[f"ray_app_{label}"])
     save("quality_summary", quality_summary(runs))
 

@@ -28,6 +28,9 @@
 # words:      bench/gpu_fp8.py quality on the word chain (pre-trained base; kept in $WORK, default
 #             .bench_work/words, for the next call on a warm machine), bf16 and FP8 for
 #             train.seed $SEEDS (default 42), $STEPS steps (default 200) -> OUT/gpu_fp8.json
+# ablations:  the same FP8 run (seed 42) once per RAY_APP_FP8_ABLATION in $ABLATIONS (default
+#             exact_accum,activation_rounding; ~190 s each) on the base kept by `words`
+#             -> OUT/<ablation>/gpu_fp8.json
 # Run from the repository root with the carried stack active (source .device/activate.sh);
 # wheels in .whl/ (packages the carried stack lacks) are installed first. The project needs
 # zstandard there (ray_app.data imports it), the tests pytest-timeout:
@@ -94,9 +97,18 @@ for what in "$@"; do
         --ray-variants liger+compile:16,liger+compile+fp8:16,liger+compile+fp8:32 \
         > "$out/speed1b.log" 2>&1 ;;
     words)
+      # Runs of an earlier call on this machine would resume under the same run names.
+      rm -rf "${WORK:-.bench_work/words}/storage" "${WORK:-.bench_work/words}/outputs"
       timeout 590 python bench/gpu_fp8.py --out "$out" --work "${WORK:-.bench_work/words}" \
         --steps "${STEPS:-200}" quality --task words --precisions default,fp8 \
         --seeds "${SEEDS:-42}" --common-batch 0 > "$out/words.log" 2>&1 ;;
+    ablations)
+      IFS=, read -ra ablations <<< "${ABLATIONS:-exact_accum,activation_rounding}"
+      for ablation in "${ablations[@]}"; do
+        RAY_APP_FP8_ABLATION=$ablation timeout 290 python bench/gpu_fp8.py --out "$out/$ablation" \
+          --work "${WORK:-.bench_work/words}" --steps "${STEPS:-200}" quality --task words \
+          --precisions fp8 --seeds 42 --common-batch 0 > "$out/$ablation.log" 2>&1
+      done ;;
     restart8b)
       python bench/gpu_fp8.py --out "$out" --work /tmp/gt --restart-model 8b restart \
         > "$out/restart8b.log" 2>&1 ;;

@@ -265,3 +265,52 @@ def test_layers_too_small_for_fp8_to_pay_stay_bf16():
         kv, q, mlp = (torch.nn.Linear(4096, 1024), torch.nn.Linear(4096, 4096),
                       torch.nn.Linear(14336, 4096))
     assert not fits_fp8(kv) and fits_fp8(q) and fits_fp8(mlp)
+
+
+def _e4m3_rowwise(t: torch.Tensor) -> torch.Tensor:
+    """Round-trip through e4m3 with one scale per row, written out here from the format's
+    definition (largest finite 448) rather than through the module's own helper."""
+    amax = t.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    scaled = (t.float() * (448.0 / amax)).clamp(-448, 448)
+    return (scaled.to(torch.float8_e4m3fn).float() * (amax / 448.0)).to(t.dtype)
+
+
+@pytest.mark.parametrize("ablation", ["exact_accum", "activation_rounding", "weight_rounding"])
+def test_each_quality_ablation_takes_one_error_source(monkeypatch, ablation):
+    """The quality benchmark's variants (RAY_APP_FP8_ABLATION): `exact_accum` keeps the FP8
+    linear with the forward's fast accumulation off; the other two compute in the input's
+    dtype with only the input, or only the weight, rounded to e4m3 rowwise, and pass the
+    gradient straight through the rounding."""
+    from ray_app.model.fp8_ablations import ABLATION_ENV
+
+    monkeypatch.setenv(ABLATION_ENV, ablation)
+    model = _tiny_lora(["q_proj", "v_proj"])
+    weight = model.base_model.model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    assert to_fp8_base(model, torch.device("cpu"), min_features=16) == 2 * 7
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    if ablation == "exact_accum":
+        assert isinstance(down, FrozenFP8Linear) and down.fast_accum is False
+        return
+    assert not isinstance(down, FrozenFP8Linear) and not list(down.parameters())
+    torch.manual_seed(1)
+    x = (torch.randn(3, 5, weight.shape[1]) * torch.logspace(-2, 2, 5)[:, None]).bfloat16()
+    x.requires_grad_(True)
+    y = down(x)
+    if ablation == "activation_rounding":
+        expected = torch.nn.functional.linear(_e4m3_rowwise(x.detach()), weight)
+    else:
+        expected = torch.nn.functional.linear(x.detach(), _e4m3_rowwise(weight))
+    assert torch.equal(y.detach(), expected)
+    assert not torch.equal(expected, torch.nn.functional.linear(x.detach(), weight))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    w = weight if ablation == "activation_rounding" else _e4m3_rowwise(weight)
+    assert torch.allclose(x.grad.float(), (grad @ w).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_an_unknown_ablation_is_refused_naming_the_variable(monkeypatch):
+    from ray_app.model.fp8_ablations import ABLATION_ENV
+
+    monkeypatch.setenv(ABLATION_ENV, "fast")
+    with pytest.raises(UserError, match="RAY_APP_FP8_ABLATION='fast' is not one of exact_accum"):
+        to_fp8_base(_tiny_lora(["q_proj"]), torch.device("cpu"), min_features=16)

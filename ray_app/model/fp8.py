@@ -113,9 +113,10 @@ fp8_linear.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_set
 class FrozenFP8Linear(nn.Module):
     """A frozen `nn.Linear` whose forward and input-gradient matmuls run in FP8."""
 
-    def __init__(self, linear: nn.Linear, device: torch.device):
+    def __init__(self, linear: nn.Linear, device: torch.device, fast_accum: bool = True):
         super().__init__()
         self.out_features, self.in_features = linear.out_features, linear.in_features
+        self.fast_accum = fast_accum  # the forward's; the input gradient accumulates exactly
         weight = linear.weight.detach().to(device)
         q, scale = quantize_rows(weight)
         q_t, scale_t = quantize_rows(weight.t())
@@ -129,7 +130,8 @@ class FrozenFP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight_fp8,
-                       self.weight_scale, self.weight_t_fp8, self.weight_t_scale)
+                       self.weight_scale, self.weight_t_fp8, self.weight_t_scale,
+                       self.fast_accum)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -149,9 +151,14 @@ def to_fp8_base(model: nn.Module, device: torch.device,
     """Replaces every frozen `nn.Linear` inside the decoder layers of `model` (a PEFT model:
     LoRA wrappers keep their `base_layer` slot, which gets the FP8 module) by a
     `FrozenFP8Linear` on `device`; returns how many. Call after the adapter is added, so
-    that PEFT finds plain linears to wrap. Linears that `fits_fp8` turns down stay bf16."""
+    that PEFT finds plain linears to wrap. Linears that `fits_fp8` turns down stay bf16.
+    The quality benchmark's ablations (`fp8_ablations`, named in the environment) replace
+    them by variants instead."""
+    from ray_app.model.fp8_ablations import ablated_linear, ablation_from_env
+
     if device.type == "cuda":  # at set-up, not at the first step: the GPU's kernel needs it
         require("triton", "model.precision: fp8", "set model.precision: default")
+    ablation = ablation_from_env()
     swapped = 0
     for layer in decoder_layers(model):
         for name, module in list(layer.named_modules()):
@@ -160,6 +167,7 @@ def to_fp8_base(model: nn.Module, device: torch.device,
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, attr, FrozenFP8Linear(module, device))
+            setattr(parent, attr, ablated_linear(module, device, ablation) if ablation
+                    else FrozenFP8Linear(module, device))
             swapped += 1
     return swapped
