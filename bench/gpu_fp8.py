@@ -146,7 +146,7 @@ def quantise_kernel(reps: int = 50) -> list[dict[str, Any]]:
     return rows
 
 
-def progression_records(steps: int, batch: int, seq: int = 2048) -> int:
+def corpus_records(steps: int, batch: int, seq: int = 2048) -> int:
     """Records of `quality_tasks` corpora for `steps` steps of `batch` x `seq` tokens in one
     epoch, with a margin (about 670 tokens a record with the bundled tokenizer)."""
     return int(steps * batch * seq / 600) + 400
@@ -161,7 +161,7 @@ def quality(args, work: Path, save) -> None:
     # with the bundled tokenizer; progressions packed 5,115 records into 1,754 sequences at
     # 95.5%), so that no epoch boundary (where the data pipeline starts its next pass) falls
     # in the timed window.
-    records = progression_records(args.steps, 16)
+    records = corpus_records(args.steps, 16)
     train, evals = work / f"{args.task}.jsonl", work / f"{args.task}_eval.jsonl"
     if args.task == "words":
         model_dir, pretrain = qt.pretrain_base(work, args.pretrain_steps)
@@ -198,10 +198,7 @@ def quality(args, work: Path, save) -> None:
     # Ray workers started here inherit it) changes what the fp8 runs are: named apart.
     ablation = os.environ.get(ABLATION_ENV)
     for seed, precision in ((s, p) for s in seeds for p in args.precisions.split(",")):
-        if precision == "fp8" and ablation:
-            precision_label = f"fp8_{ablation}"
-        else:
-            precision_label = precision
+        precision_label = f"fp8_{ablation}" if precision == "fp8" and ablation else precision
         # A precision named twice is a repeat (run-to-run spread): its own run name and key;
         # a seed other than the product's default (42) is part of both.
         label = precision_label if seed == DEFAULT_SEED else f"{precision_label}_s{seed}"
@@ -247,7 +244,7 @@ def restart(args, work: Path, save) -> None:
         gt.build_model(key).save_pretrained(model_dir)
     train, evals = work / "progressions.jsonl", work / "progressions_eval.jsonl"
     if not train.exists():
-        qt.write_progressions(train, records=progression_records(30, 16), seed=0)
+        qt.write_progressions(train, records=corpus_records(30, 16), seed=0)
         qt.write_progressions(evals, records=16, seed=1)
     batch = 16 if key == "1b" else 4  # 8B at batch 4: fits an 80 GB GPU
     os.environ[FAIL_AT_STEP_ENV] = "15"
@@ -274,8 +271,9 @@ def plot(out: Path, stem: str) -> None:
     results = json.loads((out / f"{stem}.json").read_text())
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in (k for k in results if k.startswith("ray_app_")):
+        # ray_app_default_s7 -> "bf16 s7", ray_app_fp8_exact_accum -> "fp8 base exact accum"
         label = (key.removeprefix("ray_app_").replace("default", "bf16")
-                 .replace("fp8", "fp8 base").replace("_backward_bf16", ", bf16 input gradient"))
+                 .replace("fp8", "fp8 base", 1).replace("_", " "))
         curve = [p for p in results[key]["curve"] if p.get("loss") is not None]
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve],
                 label=f"{label} (final eval loss {results[key]['eval_loss_final']:.4f})")

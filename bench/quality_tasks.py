@@ -85,6 +85,39 @@ def write_word_chain(path: Path, records: int, seed: int, table: int = TRAIN_CHA
             f.write(json.dumps({"text": " ".join(walk)}) + "\n")
 
 
+def read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+def base_corpus(work: Path, records: int) -> list[str]:
+    """The base's pre-training texts, written to `work`: `records` in all, half walks of the
+    base chain, half progressions, shuffled."""
+    write_word_chain(work / "base_words.jsonl", records // 2, seed=10, table=BASE_CHAIN)
+    write_progressions(work / "base_progressions.jsonl", records - records // 2, seed=11)
+    texts = read_texts(work / "base_words.jsonl") + read_texts(work / "base_progressions.jsonl")
+    random.Random(0).shuffle(texts)
+    return texts
+
+
+def token_rows(texts: list[str], seq: int):
+    """The texts in the bundled tokenizer's ids, each followed by EOS, packed end to end
+    into rows of `seq` tokens (a torch tensor [rows, seq]; the remainder is dropped)."""
+    import torch
+
+    from ray_app.data.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(str(gt.TOKENIZER))
+    ids = [i for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]
+           for i in encoded + [tokenizer.eos_token_id]]
+    return torch.tensor(ids[:len(ids) // seq * seq]).view(-1, seq)
+
+
+def warmup_cosine(steps: int, warmup: int):
+    """The learning-rate factor of step s: linear warm-up over `warmup` steps, then cosine
+    to zero at `steps` (for `torch.optim.lr_scheduler.LambdaLR`)."""
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+
+
 def pretrain_base(work: Path, steps: int, batch: int = 8, seq: int = 2048,
                   lr: float = 5e-4) -> tuple[str, dict[str, Any]]:
     """The random-init Llama-3.2-1B shape trained in full (fp32 weights, bf16 autocast,
@@ -93,30 +126,18 @@ def pretrain_base(work: Path, steps: int, batch: int = 8, seq: int = 2048,
     in bf16 to `work`; returns its folder and the run's record (loss every 10 steps)."""
     import torch
 
-    from ray_app.data.tokenize import load_tokenizer
-
     model_dir = work / f"model_1b_pretrained_{steps}"
     record_file = model_dir / "pretrain.json"
     if record_file.exists():
         return str(model_dir), json.loads(record_file.read_text())
-    records = steps * batch * seq // 600 + 100
-    write_word_chain(work / "base_words.jsonl", records // 2, seed=10, table=BASE_CHAIN)
-    write_progressions(work / "base_progressions.jsonl", records - records // 2, seed=11)
-    texts = [json.loads(line)["text"] for name in ("base_words", "base_progressions")
-             for line in (work / f"{name}.jsonl").read_text().splitlines()]
-    random.Random(0).shuffle(texts)
-    tokenizer = load_tokenizer(str(gt.TOKENIZER))
-    ids = [i for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]
-           for i in encoded + [tokenizer.eos_token_id]]
-    rows = torch.tensor(ids[:len(ids) // seq * seq]).view(-1, seq)
+    rows = token_rows(base_corpus(work, steps * batch * seq // 600 + 100), seq)
     if len(rows) < steps * batch:
         raise RuntimeError(f"pre-training corpus too short: {len(rows)} rows")
     model = gt.build_model("1b").float().train()
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                                   weight_decay=0.0, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10)
-                                                 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, 10))
     curve, start = [], time.perf_counter()
     for step in range(steps):
         x = rows[step * batch:(step + 1) * batch].cuda(non_blocking=True)

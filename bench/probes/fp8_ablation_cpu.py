@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -34,16 +33,6 @@ import torch
 SEQ, BATCH = 256, 8
 
 
-def token_rows(tokenizer, texts: list[str]) -> torch.Tensor:
-    ids = [i for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]
-           for i in encoded + [tokenizer.eos_token_id]]
-    return torch.tensor(ids[:len(ids) // SEQ * SEQ]).view(-1, SEQ)
-
-
-def texts_of(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
-
-
 def small_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,19 +42,11 @@ def small_llama():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ))
 
 
-def cosine(steps: int, warmup: int):
-    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-
-
-def pretrain(work: Path, tokenizer, steps: int) -> tuple[dict, list[float]]:
-    qt.write_word_chain(work / "base_words.jsonl", 200, seed=10, table=qt.BASE_CHAIN)
-    qt.write_progressions(work / "base_progressions.jsonl", 200, seed=11)
-    texts = texts_of(work / "base_words.jsonl") + texts_of(work / "base_progressions.jsonl")
-    random.Random(0).shuffle(texts)
-    rows = token_rows(tokenizer, texts)
+def pretrain(work: Path, steps: int) -> tuple[dict, list[float]]:
+    rows = qt.token_rows(qt.base_corpus(work, 400), SEQ)
     model = small_llama().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps, 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, qt.warmup_cosine(steps, 10))
     curve = []
     for step in range(steps):
         start = (step * BATCH) % (len(rows) - BATCH)
@@ -81,8 +62,7 @@ def pretrain(work: Path, tokenizer, steps: int) -> tuple[dict, list[float]]:
     return model.state_dict(), curve
 
 
-def finetune(state: dict, tokenizer, work: Path, variant: str, seed: int,
-             steps: int) -> dict:
+def finetune(state: dict, work: Path, variant: str, seed: int, steps: int) -> dict:
     from ray_app.config import LoraSection
     from ray_app.model.fp8 import to_fp8_base
     from ray_app.model.fp8_ablations import ABLATION_ENV
@@ -103,11 +83,11 @@ def finetune(state: dict, tokenizer, work: Path, variant: str, seed: int,
             os.environ.pop(ABLATION_ENV, None)
     qt.write_word_chain(work / "words.jsonl", 300, seed=0)
     qt.write_word_chain(work / "words_eval.jsonl", 8, seed=1)
-    train = token_rows(tokenizer, texts_of(work / "words.jsonl"))
-    evals = token_rows(tokenizer, texts_of(work / "words_eval.jsonl"))[:16]
+    train = qt.token_rows(qt.read_texts(work / "words.jsonl"), SEQ)
+    evals = qt.token_rows(qt.read_texts(work / "words_eval.jsonl"), SEQ)[:16]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps, 6))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, qt.warmup_cosine(steps, 6))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     curve, started = [], time.perf_counter()
     model.train()
@@ -139,18 +119,15 @@ def main() -> int:
     parser.add_argument("--runs", default="fp32:1,fp32:2,fp8:1,fp8:2,activation_rounding:1,"
                         "weight_rounding:1")
     args = parser.parse_args()
-    from ray_app.data.tokenize import load_tokenizer
-
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(str(qt.gt.TOKENIZER))
-    state, pretrain_curve = pretrain(work, tokenizer, args.pretrain_steps)
+    state, pretrain_curve = pretrain(work, args.pretrain_steps)
     results = {"command": "python bench/probes/fp8_ablation_cpu.py " + " ".join(sys.argv[1:]),
                "torch": torch.__version__, "pretrain_curve_every_20": pretrain_curve,
                "runs": []}
     for run in args.runs.split(","):
         variant, seed = run.split(":")
-        results["runs"].append(finetune(state, tokenizer, work, variant, int(seed), args.steps))
+        results["runs"].append(finetune(state, work, variant, int(seed), args.steps))
         print(json.dumps({k: v for k, v in results["runs"][-1].items() if k != "curve"}),
               flush=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
