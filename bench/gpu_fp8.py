@@ -34,8 +34,9 @@ named `fp8_<ablation>`; one process per ablation (Ray's workers inherit the vari
 the process starts Ray).
 
 `quality --seeds 42,7` runs every precision once per train.seed; `quality_summary` in the
-results gives each precision's mean final eval loss against bf16's and the bf16 runs' own
-spread (`--summarise STEM ...`: the same over the runs of several results files).
+results gives each precision's mean final eval loss against bf16's, the bf16 runs' own
+spread, and each run against the bf16 run of its own seed (`--summarise STEM ...`: the same
+over the runs of several results files).
 
 Everything lands in <out>/gpu_fp8.json as it finishes; `--plot` draws
 <out>/gpu_fp8_loss.png from that file (`--plot STEM`: <out>/STEM.json; needs matplotlib).
@@ -218,13 +219,20 @@ def quality(args, work: Path, save) -> None:
 def quality_summary(results: dict[str, Any]) -> dict[str, Any]:
     """Final eval loss of every quality run by precision (a run saved without its precision
     is named by its key), the mean of each, and each precision's mean against bf16's
-    ("default") mean, next to the spread of the bf16 runs themselves."""
+    ("default") mean, next to the spread of the bf16 runs themselves. Runs that share a
+    train.seed with a bf16 run (the same adapter init, dropout and data order) are also
+    compared with it alone (`vs_bf16_same_seed`; within one results file when several are
+    merged, since each file's runs share a base): seed-to-seed spread cancels there."""
     finals: dict[str, list[float]] = {}
+    seeded: list[tuple[str, str, float]] = []  # (precision, "[STEM ]seed N", final eval loss)
     for key, run in results.items():
-        name = key.rpartition("/")[2]  # "STEM/ray_app_..." when several files are merged
+        stem, _, name = key.rpartition("/")  # "STEM/ray_app_..." when several files are merged
         if name.startswith("ray_app_") and run.get("eval_loss_final") is not None:
             precision = run.get("precision") or name.removeprefix("ray_app_").split("_")[0]
             finals.setdefault(precision, []).append(run["eval_loss_final"])
+            if run.get("seed") is not None:
+                seeded.append((precision, f"{stem} seed {run['seed']}".lstrip(),
+                               run["eval_loss_final"]))
     mean = {p: sum(v) / len(v) for p, v in finals.items()}
     summary: dict[str, Any] = {"eval_loss_final": finals, "mean": mean}
     if "default" in mean:
@@ -232,6 +240,17 @@ def quality_summary(results: dict[str, Any]) -> dict[str, Any]:
         summary["bf16_spread"] = (max(bf16) - min(bf16)) / min(bf16)
         summary["mean_vs_bf16"] = {p: m / mean["default"] - 1 for p, m in mean.items()
                                    if p != "default"}
+        # One bf16 run per seed to pair with (the first, when a seed ran twice).
+        bf16_of: dict[str, float] = {}
+        for precision, seed_key, loss in seeded:
+            if precision == "default":
+                bf16_of.setdefault(seed_key, loss)
+        paired: dict[str, dict[str, float]] = {}
+        for precision, seed_key, loss in seeded:
+            if precision != "default" and seed_key in bf16_of:
+                paired.setdefault(precision, {})[seed_key] = loss / bf16_of[seed_key] - 1
+        if paired:
+            summary["vs_bf16_same_seed"] = paired
     return summary
 
 
@@ -269,14 +288,23 @@ def plot(out: Path, stem: str) -> None:
     import matplotlib.pyplot as plt
 
     results = json.loads((out / f"{stem}.json").read_text())
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in (k for k in results if k.startswith("ray_app_")):
+    keys = [k for k in results if k.startswith("ray_app_")]
+    fig, ax = plt.subplots(figsize=(7, 4.2 + 0.22 * len(keys)))
+    # One colour per train.seed, one line style per precision: a seed's runs side by side.
+    seeds = list(dict.fromkeys(results[k].get("seed") for k in keys))
+    precisions = sorted({results[k].get("precision", k) for k in keys},
+                        key=lambda p: (p != "default", p != "fp8", p))  # bf16 solid, FP8 dashed
+    styles = ["-", "--", ":", "-."]
+    for key in keys:
+        run = results[key]
         # ray_app_default_s7 -> "bf16 s7", ray_app_fp8_exact_accum -> "fp8 base exact accum"
         label = (key.removeprefix("ray_app_").replace("default", "bf16")
                  .replace("fp8", "fp8 base", 1).replace("_", " "))
-        curve = [p for p in results[key]["curve"] if p.get("loss") is not None]
+        curve = [p for p in run["curve"] if p.get("loss") is not None]
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve],
-                label=f"{label} (final eval loss {results[key]['eval_loss_final']:.4f})")
+                color=f"C{seeds.index(run.get('seed')) % 10}",
+                linestyle=styles[precisions.index(run.get("precision", key)) % len(styles)],
+                label=f"{label} (final eval loss {run['eval_loss_final']:.4f})")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.set_yscale("log")
@@ -287,7 +315,7 @@ def plot(out: Path, stem: str) -> None:
     floor = results.get("task", {}).get("entropy_floor")
     if floor:
         ax.axhline(floor, color="grey", linestyle=":", label=f"chain entropy {floor:.3f}")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small")
     fig.tight_layout()
     fig.savefig(out / f"{stem}_loss.png", dpi=110)
 
@@ -343,8 +371,10 @@ def main() -> int:
     import torch
 
     file = out / "gpu_fp8.json"
+    ablation = os.environ.get(ABLATION_ENV)  # part of the command that made the results
+    env_prefix = f"{ABLATION_ENV}={ablation} " if ablation else ""
     results: dict[str, Any] = {
-        "command": "python bench/gpu_fp8.py " + shlex.join(sys.argv[1:]),
+        "command": env_prefix + "python bench/gpu_fp8.py " + shlex.join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "matmul_tflops": round(gt.matmul_tflops(), 1)}
 

@@ -29,7 +29,8 @@
 #             .bench_work/words, for the next call on a warm machine), bf16 and FP8 for
 #             train.seed $SEEDS (default 42), $STEPS steps (default 200) -> OUT/gpu_fp8.json
 # ablations:  the same FP8 run (seed 42) once per RAY_APP_FP8_ABLATION in $ABLATIONS (default
-#             exact_accum,activation_rounding; ~190 s each) on the base kept by `words`
+#             exact_accum,activation_rounding; `none`: the FP8 base itself; ~190 s each) on the
+#             base kept by `words`
 #             -> OUT/<ablation>/gpu_fp8.json
 # Run from the repository root with the carried stack active (source .device/activate.sh);
 # wheels in .whl/ (packages the carried stack lacks) are installed first. The project needs
@@ -105,7 +106,8 @@ for what in "$@"; do
     ablations)
       IFS=, read -ra ablations <<< "${ABLATIONS:-exact_accum,activation_rounding}"
       for ablation in "${ablations[@]}"; do
-        RAY_APP_FP8_ABLATION=$ablation timeout 290 python bench/gpu_fp8.py --out "$out/$ablation" \
+        # `none`: the FP8 base itself, for a comparison within one session.
+        RAY_APP_FP8_ABLATION=${ablation#none} timeout 290 python bench/gpu_fp8.py --out "$out/$ablation" \
           --work "${WORK:-.bench_work/words}" --steps "${STEPS:-200}" quality --task words \
           --precisions fp8 --seeds 42 --common-batch 0 > "$out/$ablation.log" 2>&1
       done ;;

@@ -58,3 +58,27 @@ def test_the_walks_follow_the_table_with_zipf_weights_and_differ_between_tables(
              for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     unseen = sum(b not in pairs.get(a, {}) for words in other for a, b in itertools.pairwise(words))
     assert unseen > 0.5 * sum(len(words) - 1 for words in other)
+
+
+def test_the_quality_summary_pairs_each_run_with_bf16_of_its_own_seed_and_file():
+    import gpu_fp8
+
+    def run(precision, seed, loss):
+        return {"precision": precision, "seed": seed, "eval_loss_final": loss}
+
+    runs = {"a/ray_app_default": run("default", 42, 2.0),
+            "a/ray_app_fp8": run("fp8", 42, 2.1),
+            "a/ray_app_fp8_exact_accum": run("fp8_exact_accum", 42, 1.9),
+            "b/ray_app_default_s7": run("default", 7, 3.0),
+            "b/ray_app_fp8_s7": run("fp8", 7, 2.7),
+            # Seed 42 has a bf16 run only in file a (another base): unpaired, as is seed 9.
+            "b/ray_app_fp8_exact_accum": run("fp8_exact_accum", 42, 4.0),
+            "b/ray_app_fp8_s9": run("fp8", 9, 5.0),
+            "b/plain_loop_fp8": {"eval_loss_final": 9.0}}  # not a quality run
+    summary = gpu_fp8.quality_summary(runs)
+    assert summary["mean"]["default"] == pytest.approx(2.5)
+    assert summary["mean"]["fp8"] == pytest.approx((2.1 + 2.7 + 5.0) / 3)
+    assert summary["bf16_spread"] == pytest.approx(0.5)
+    assert summary["vs_bf16_same_seed"] == {
+        "fp8": {"a seed 42": pytest.approx(0.05), "b seed 7": pytest.approx(-0.1)},
+        "fp8_exact_accum": {"a seed 42": pytest.approx(-0.05)}}
