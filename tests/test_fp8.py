@@ -3,8 +3,9 @@
 On CPU (CI): the setting is refused before Ray starts without GPUs, with nf4, with another
 dtype and with DeepSpeed, and on a device without FP8 tensor cores; the module's
 arithmetic (torch._scaled_mm has a CPU kernel) is checked against a float64 reference
-computed here, the swap leaves LoRA, lm_head and the trainable parts alone, and the fused
-quantisation kernel, run by Triton's interpreter, rounds as torch does.
+computed here, the swap leaves LoRA, lm_head and the trainable parts alone, the fused
+quantisation kernel, run by Triton's interpreter, rounds as torch does, and two gloo ranks
+under the product's FSDP2 wrapping give the adapter gradients of one process.
 On a GPU with FP8 tensor cores (skipped elsewhere; runs in
 bench/results/gpu_tests_fp8_*.txt): a LoRA model's loss and adapter gradients against bf16,
 eager and compiled, and the fused quantisation kernel against the plain torch one."""
@@ -314,3 +315,79 @@ def test_an_unknown_ablation_is_refused_naming_the_variable(monkeypatch):
     monkeypatch.setenv(ABLATION_ENV, "fast")
     with pytest.raises(UserError, match="RAY_APP_FP8_ABLATION='fast' is not one of exact_accum"):
         to_fp8_base(_tiny_lora(["q_proj"]), torch.device("cpu"), min_features=16)
+
+
+_FSDP2_RANK = r"""
+import json, sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, sys.argv[1])
+from test_fp8 import _tiny_lora
+
+from ray_app.model.fp8 import FrozenFP8Linear, to_fp8_base
+from ray_app.train.engines import FSDPEngine
+
+dist.init_process_group("gloo")
+rank, cpu = dist.get_rank(), torch.device("cpu")
+ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(5))
+
+
+def step(model, batch):
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    return loss
+
+
+reference = _tiny_lora("all-linear")
+to_fp8_base(reference, cpu, min_features=16)
+step(reference, ids)  # the whole batch, one process
+model = _tiny_lora("all-linear")
+swapped = to_fp8_base(model, cpu, min_features=16)
+# The product's FSDP2 wrapping (per decoder layer, then the root), as a CPU worker sets it.
+model = FSDPEngine._wrap(SimpleNamespace(device=cpu, cfg=SimpleNamespace(
+    scaling=SimpleNamespace(use_gpu=False))), model)
+step(model, ids[2 * rank:2 * rank + 2])  # this rank's half
+fp8 = [m for m in model.modules() if isinstance(m, FrozenFP8Linear)]
+grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+full = {n: (g.full_tensor() if isinstance(g, DTensor) else g).float() for n, g in grads.items()}
+expected = {n: p.grad.float() for n, p in reference.named_parameters() if p.requires_grad}
+if rank == 0:
+    print(json.dumps({
+        "swapped": swapped, "fp8_modules": len(fp8),
+        "fp8_buffers_plain_e4m3": all(type(m.weight_fp8) is torch.Tensor
+                                      and m.weight_fp8.dtype == torch.float8_e4m3fn
+                                      for m in fp8),
+        "adapter_grads_sharded": sum(isinstance(g, DTensor) for g in grads.values()),
+        "adapter_grads": len(grads),
+        "same_names": sorted(full) == sorted(expected),
+        "max_rel_err": max(((full[n] - expected[n]).norm() / expected[n].norm()).item()
+                           for n in expected),
+        "min_grad_norm": min(g.norm().item() for g in expected.values())}))
+dist.destroy_process_group()
+"""
+
+
+def test_the_fp8_base_trains_under_fsdp2_like_one_process(tmp_path):
+    """Two gloo ranks, the product's FSDP2 wrapping (`FSDPEngine._wrap`) over a LoRA model
+    with its frozen linears in FP8 (CPU's `_scaled_mm`): the FP8 weights stay plain e4m3
+    buffers on every rank (FSDP2 shards and casts parameters only), and each rank's half of
+    a batch gives, once FSDP2 has averaged them, the adapter gradients of the whole batch in
+    one process without FSDP."""
+    script = tmp_path / "fsdp2_rank.py"
+    script.write_text(_FSDP2_RANK)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), os.path.dirname(__file__)],
+        check=False, capture_output=True, text=True, timeout=110,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["swapped"] == result["fp8_modules"] == 2 * 7
+    assert result["fp8_buffers_plain_e4m3"]
+    assert result["adapter_grads"] == result["adapter_grads_sharded"] == 2 * 7 * 2  # A and B
+    assert result["same_names"] and result["min_grad_norm"] > 0
+    assert result["max_rel_err"] < 1e-3, result
