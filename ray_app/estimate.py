@@ -8,6 +8,9 @@ arithmetic on their config fields, so treat their figure as rough.
 - weights: bf16, 2 B/param. QLoRA: the decoder's linear layers in NF4, 0.5 B/param plus
   1/64 B of double-quantized block scales; embeddings, lm_head and norms stay bf16. FSDP
   and ZeRO-3 divide them by the GPU count and hold two gathered layers (current + prefetch).
+  The FP8 base (model.precision: fp8): the decoder linears it converts hold an e4m3 copy
+  and a transposed e4m3 copy, 2 B/param as in bf16, but as buffers FSDP leaves whole on
+  every GPU.
 - adapter: LoRA's r*(in+out) params per adapted linear, fp32; gradients fp32; AdamW two
   fp32 states (8-bit AdamW: 2 B). FSDP and ZeRO-2/3 shard all three. Full fine-tuning
   (a what-if: the project trains adapters) keeps fp32 master weights, grads and states.
@@ -97,6 +100,7 @@ class Plan:
     full_logits: bool = False
     fused_eval: bool = True  # evaluation through Liger's fused loss (no full logits)
     dora: bool = False  # lora.use_dora
+    fp8: bool = False  # model.precision: fp8
 
     @property
     def sequences(self) -> int:
@@ -170,10 +174,17 @@ def adapter_params(shape: Shape, plan: Plan) -> int:
     return shape.layers * sum(plan.lora_r * (i + o) for _, i, o in _adapted(shape, plan))
 
 
-def _weights(shape: Shape, plan: Plan) -> tuple[float, float]:
-    """(bytes of the whole base, bytes of one decoder layer) as stored on the GPU."""
-    layer = shape.layer_linear_params * (0.5 + 1 / 64 if plan.method == "qlora" else 2.0)
-    return shape.layers * layer + shape.other_params * 2.0, layer
+def _weights(shape: Shape, plan: Plan) -> tuple[float, float, float]:
+    """(bytes of the base that sharding divides, the same of one decoder layer, bytes held
+    whole on every GPU: the FP8 base's two e4m3 copies) as stored on the GPU."""
+    fp8 = 0
+    if plan.fp8:
+        from ray_app.model.fp8 import sides_fit_fp8
+
+        fp8 = sum(i * o for _, i, o in shape.layer_linears if sides_fit_fp8(i, o))
+    per_param = 0.5 + 1 / 64 if plan.method == "qlora" else 2.0
+    layer = (shape.layer_linear_params - fp8) * per_param
+    return shape.layers * layer + shape.other_params * 2.0, layer, shape.layers * fp8 * 2.0
 
 
 def _layer_activations(shape: Shape, plan: Plan) -> float:
@@ -233,12 +244,15 @@ def estimate(shape: Shape, plan: Plan) -> Estimate:
     sharded = plan.strategy == "fsdp" or (plan.strategy == "deepspeed" and plan.zero_stage == 3)
     state_sharded = plan.strategy in ("fsdp", "deepspeed")
     n = plan.gpus
-    base, layer = _weights(shape, plan)
+    base, layer, whole = _weights(shape, plan)
     if sharded:
         on_cpu = plan.strategy == "deepspeed" and plan.offload == "optimizer_and_params"
-        weights = (0.0 if on_cpu else base / n) + 2 * layer * (n > 1 or on_cpu)
+        weights = whole + (0.0 if on_cpu else base / n) + 2 * layer * (n > 1 or on_cpu)
+        if whole and n > 1:
+            notes.append(f"FP8 base: its e4m3 weights ({whole / GIB:.1f} GiB) are held whole "
+                         f"on every GPU; FSDP shards the rest")
     else:
-        weights = base
+        weights = base + whole
 
     trainable = shape.params if plan.method == "full" else adapter_params(shape, plan)
     state_bytes = 2.0 if plan.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8.0
@@ -304,7 +318,7 @@ class Recommendation:
 CONFIG_KEYS = {"checkpointing": "train.activation_checkpointing",
                "batch": "train.batch_size_per_worker", "strategy": "scaling.strategy",
                "method": "model.quantization", "liger": "model.liger",
-               "optimizer": "train.optimizer"}
+               "optimizer": "train.optimizer", "fp8": "model.precision"}
 
 
 def _config_value(name: str, plan: Plan) -> object:
@@ -313,18 +327,22 @@ def _config_value(name: str, plan: Plan) -> object:
         return "nf4" if value == "qlora" else "none"
     if name == "liger":
         return "on" if value else "off"
+    if name == "fp8":
+        return "fp8" if value else "default"
     return value
 
 
 def _candidates(plan: Plan):
     """Plans to try, fastest first: Liger on, no recomputation at the largest batch, then
     cheaper memory at growing cost (every 2nd layer, every layer, smaller micro-batches,
-    sharding, a 4-bit base)."""
+    sharding, with the FP8 base turned back to bf16 so that FSDP shards it, a 4-bit base)."""
     bases = [replace(plan, liger=True)]
     if plan.gpus > 1 and plan.strategy == "ddp":
         bases.append(replace(bases[-1], strategy="fsdp"))
+    if plan.gpus > 1 and plan.fp8:
+        bases.append(replace(bases[-1], fp8=False))
     if plan.method == "lora":
-        bases.append(replace(bases[-1], method="qlora"))
+        bases.append(replace(bases[-1], method="qlora", fp8=False))  # NF4 replaces FP8
     for base in bases:
         batch = base.batch
         while batch >= 1:
@@ -377,7 +395,7 @@ def plan_from_config(cfg, liger_auto: bool, **overrides) -> Plan:
         optimizer=cfg.train.optimizer if "8bit" in cfg.train.optimizer else "adamw",
         attention=cfg.model.attn_implementation, packed_mask=cfg.data.packing,
         rows=training.TRAINED_ROWS, full_logits=training.record_kind != "sequences",
-        fused_eval=liger, dora=cfg.lora.use_dora,
+        fused_eval=liger, dora=cfg.lora.use_dora, fp8=cfg.model.precision == "fp8",
     )
     return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 

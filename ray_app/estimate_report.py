@@ -20,7 +20,7 @@ from ray_app.estimate import (
 LIGER_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2",
                "gemma3", "phi3", "granite", "olmo2", "mllama"}
 PART_NOTES = {
-    "weights": "frozen base (bf16; NF4 for QLoRA), per GPU after sharding",
+    "weights": "frozen base (bf16; NF4 for QLoRA; FP8 copies whole), per GPU after sharding",
     "adapter": "trainable parameters in fp32",
     "gradients": "fp32 gradients of the trainable parameters",
     "optimizer": "AdamW states (2 fp32, or 8-bit)",

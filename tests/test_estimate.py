@@ -275,3 +275,41 @@ def test_each_training_method_counts_its_rows_and_logits(llama_8b_folder):
     assert peaks["dpo"]["logits"] < 1.3 * (1 << 30)  # whole logits: 12.6 GB
     assert peaks["sft"]["logits"] < peaks["kto"]["logits"]  # Liger: one chunk at a time
     assert peaks["dpo"]["activations"] == pytest.approx(2 * peaks["kto"]["activations"])
+
+
+def test_the_fp8_base_is_counted_whole_on_every_gpu_and_turned_back_when_it_cannot_fit():
+    """model.precision: fp8 keeps two e4m3 copies (2 B/param, as bf16) of the decoder linears
+    with both sides >= 2048 (all but k/v_proj of these shapes) as buffers FSDP does not
+    shard; a 70B base that way cannot fit 80 GB GPUs, and the recommendation says so."""
+    from transformers import LlamaConfig
+
+    shape = shape_of(LlamaConfig(**LLAMA_8B), "8b")
+    h, i = LLAMA_8B["hidden_size"], LLAMA_8B["intermediate_size"]
+    fp8_bytes = LLAMA_8B["num_hidden_layers"] * (2 * h * h + 3 * h * i) * 2  # q, o, MLP
+    one, one_fp8 = (estimate(shape, Plan(batch=1, fp8=fp8)).parts["weights"]
+                    for fp8 in (False, True))
+    assert one_fp8 == one  # one GPU: the same bytes
+    four, four_fp8 = (estimate(shape, Plan(batch=1, fp8=fp8, strategy="fsdp", gpus=4))
+                      for fp8 in (False, True))
+    assert four_fp8.parts["weights"] > fp8_bytes > four.parts["weights"]
+    assert four_fp8.parts["weights"] < fp8_bytes + four.parts["weights"]
+    assert any("held whole on every GPU" in note for note in four_fp8.notes)
+    assert not four.notes
+
+    llama_70b = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                            num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                            tie_word_embeddings=False)
+    shape70 = shape_of(llama_70b, "70b")
+    plan = Plan(batch=1, fp8=True, strategy="fsdp", gpus=8)
+    assert estimate(shape70, plan).parts["weights"] > 80 * GIB  # 80 x 839M params x 2 B
+    rec = recommend(shape70, plan, gpu_gib=80)
+    assert rec.fits and rec.changes["model.precision"] == "default"
+    assert rec.estimate.peak <= 80 * GIB * 0.9
+
+
+def test_estimate_reads_the_fp8_setting_from_the_config(llama_8b_folder, capsys):
+    rc, out = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "2", "--batch", "1",
+                       "--strategy", "fsdp", "--set", "model.precision=fp8",
+                       "--set", "scaling.use_gpu=true")
+    assert rc == 0 and out["plan"]["fp8"] is True
+    assert any("FP8 base" in note for note in out["notes"])

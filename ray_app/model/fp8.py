@@ -142,8 +142,13 @@ class FrozenFP8Linear(nn.Module):
 def fits_fp8(linear: nn.Linear, min_features: int = FP8_MIN_FEATURES) -> bool:
     """`_scaled_mm` needs both sides of the weight to be multiples of 16; below
     `min_features` FP8 does not pay."""
-    sides = (linear.in_features, linear.out_features)
-    return all(n % 16 == 0 and n >= min_features for n in sides)
+    return sides_fit_fp8(linear.in_features, linear.out_features, min_features)
+
+
+def sides_fit_fp8(in_features: int, out_features: int,
+                  min_features: int = FP8_MIN_FEATURES) -> bool:
+    """`fits_fp8` of a linear known by its sides (the memory estimate's)."""
+    return all(n % 16 == 0 and n >= min_features for n in (in_features, out_features))
 
 
 def to_fp8_base(model: nn.Module, device: torch.device,
