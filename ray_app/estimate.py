@@ -397,7 +397,9 @@ def plan_from_config(cfg, liger_auto: bool, **overrides) -> Plan:
         rows=training.TRAINED_ROWS, full_logits=training.record_kind != "sequences",
         fused_eval=liger, dora=cfg.lora.use_dora, fp8=cfg.model.precision == "fp8",
     )
-    return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    # --method qlora on an FP8 config: the 4-bit base replaces the FP8 one (never both).
+    return replace(plan, fp8=False) if plan.method == "qlora" else plan
 
 
 def to_json(shape: Shape, plan: Plan, est: Estimate, rec: Recommendation | None) -> dict:

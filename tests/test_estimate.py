@@ -313,3 +313,8 @@ def test_estimate_reads_the_fp8_setting_from_the_config(llama_8b_folder, capsys)
                        "--set", "scaling.use_gpu=true")
     assert rc == 0 and out["plan"]["fp8"] is True
     assert any("FP8 base" in note for note in out["notes"])
+    # The 4-bit base replaces the FP8 one (the config refuses both at once).
+    rc, out = run_json(capsys, "--model", str(llama_8b_folder), "--gpus", "2", "--batch", "1",
+                       "--strategy", "fsdp", "--method", "qlora",
+                       "--set", "model.precision=fp8", "--set", "scaling.use_gpu=true")
+    assert rc == 0 and out["plan"]["fp8"] is False and out["plan"]["method"] == "qlora"
