@@ -197,7 +197,7 @@ def quality(args, work: Path, save) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     # An FP8 ablation named in this process's environment (ray_app.model.fp8_ablations; the
     # Ray workers started here inherit it) changes what the fp8 runs are: named apart.
-    ablation = os.environ.get(ABLATION_ENV)
+    ablation = args.ablation  # read once by main()
     for seed, precision in ((s, p) for s in seeds for p in args.precisions.split(",")):
         precision_label = f"fp8_{ablation}" if precision == "fp8" and ablation else precision
         # A precision named twice is a repeat (run-to-run spread): its own run name and key;
@@ -371,8 +371,8 @@ def main() -> int:
     import torch
 
     file = out / "gpu_fp8.json"
-    ablation = os.environ.get(ABLATION_ENV)  # part of the command that made the results
-    env_prefix = f"{ABLATION_ENV}={ablation} " if ablation else ""
+    args.ablation = os.environ.get(ABLATION_ENV)  # part of the command that made the results
+    env_prefix = f"{ABLATION_ENV}={args.ablation} " if args.ablation else ""
     results: dict[str, Any] = {
         "command": env_prefix + "python bench/gpu_fp8.py " + shlex.join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -11,8 +11,9 @@ short full-parameter pre-training that gives their LoRA runs a base that already
   its entropy rate (`chain_entropy`) is the loss floor. The LoRA runs fine-tune a base
   pre-trained (`pretrain_base`) on another chain over the same words plus progressions,
   so they adapt a base that knows the tokens, as fine-tuning does. They still sit ~60
-  steps near the uniform loss over the words before the new transitions take, but two
-  bf16 runs (train.seed 42 and 7) ended 1.0% apart.
+  steps near the uniform loss over the words before the new transitions take; bf16 runs
+  of different train.seeds end 1.0% (two, H100) to 2.3% (three, H200) apart, so FP8 is
+  judged on the mean over seeds.
 """
 
 from __future__ import annotations
